@@ -1,0 +1,44 @@
+"""Command line: `python -m glom_mnist <command> --help`.
+
+Each command lives in its own module, which provides `add_arguments(parser)` and `run(args)`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "data": ("glom_mnist.data", "download or rebuild MNIST / Fashion-MNIST and verify its MD5s"),
+    "import-seed": ("glom_mnist.seed", "convert the seed's published best_models/ to our checkpoint"),
+    "train": ("glom_mnist.train", "train a GLOM state grid (resumable)"),
+    "evaluate": ("glom_mnist.evaluate", "metrics of a checkpoint on the test set"),
+    "figures": ("glom_mnist.figures", "regenerate imgs/ from the shipped checkpoints"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported (so `--help` stays fast)."""
+    parser = argparse.ArgumentParser(prog="python -m glom_mnist", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
+        p.set_defaults(module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
+    try:
+        return int(importlib.import_module(args.module).run(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
