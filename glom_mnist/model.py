@@ -112,20 +112,26 @@ class Glom(nn.Module):
         V = V.reshape(B, R, D, H, W) * self.cfg.out_scale                   # (B, R, D, H, W)
         return torch.einsum("brdhw,rl->bldhw", V, self.route_to_level)
 
-    def consensus(self, levels: torch.Tensor) -> torch.Tensor:
-        """Attention-weighted average of each level over the k x k torus neighbourhood.
+    def attention(self, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consensus-attention weights over the k x k torus neighbourhood, and the neighbours.
 
         Weight of neighbour y for column x at level l: softmax over y of
-        sum_{m >= l} lambda**(m-l) <e_{m,x}, e_{m,y}> / sqrt(D).  Returns `(B, L, D, H, W)`.
+        sum_{m >= l} lambda**(m-l) <e_{m,x}, e_{m,y}> / sqrt(D) (Kilcher's similarity: columns
+        that agree at higher levels listen to each other more).
+        Returns weights `(B, L, N, H, W)` (N = k*k, summing to 1 over N) and
+        neighbours `(B, L, D, N, H, W)`.
         """
         B, L, D, H, W = levels.shape
         k = self.cfg.kernel
-        flat = levels.reshape(B, L * D, H, W)
-        padded = F.pad(flat, (k // 2,) * 4, mode="circular")
+        padded = F.pad(levels.reshape(B, L * D, H, W), (k // 2,) * 4, mode="circular")
         neighbours = F.unfold(padded, k).reshape(B, L, D, k * k, H, W)       # (B, L, D, N, H, W)
         similarity = torch.einsum("bldhw,bldnhw->blnhw", levels, neighbours) / math.sqrt(D)
         scores = torch.einsum("bmnhw,ml->blnhw", similarity, self.level_mix)  # (B, L, N, H, W)
-        weights = scores.softmax(dim=2)
+        return scores.softmax(dim=2), neighbours
+
+    def consensus(self, levels: torch.Tensor) -> torch.Tensor:
+        """The attention-weighted average of each level over its neighbourhood `(B, L, D, H, W)`."""
+        weights, neighbours = self.attention(levels)
         return torch.einsum("blnhw,bldnhw->bldhw", weights, neighbours)
 
     def update(self, levels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,169 @@
+"""The fast Glom equals the seed's naive formulation, and its parts behave as documented."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glom_mnist import Glom, GlomConfig
+from glom_mnist.model import conv_to_seed_linear, seed_linear_to_conv
+from glom_mnist.seed import glom_from_seed_networks
+
+from oracle import SHIFTS, OracleGlom, seed_networks
+
+
+def run_both(height: int, width: int, steps: int, batch: int = 2, seed: int = 0):
+    """Final states of the oracle and of the fast model with copied weights and one init."""
+    torch.manual_seed(seed)
+    oracle = OracleGlom(steps=steps).eval()                       # eval: dropout off
+    cfg = GlomConfig.preset("seed", height=height, width=width, steps=steps)
+    model = glom_from_seed_networks(seed_networks(oracle), cfg).eval()
+    images = torch.randn(batch, 1, height, width)
+    torch.manual_seed(seed + 1)
+    init = model.initial_state(images)                           # (B, L, D, H, W)
+    torch.manual_seed(seed + 1)
+    fast = model(images)
+    slow = oracle(images, init=init.permute(0, 3, 4, 1, 2))      # (B, H, W, L, D)
+    return fast, slow.permute(0, 3, 4, 1, 2), model, oracle, images
+
+
+@pytest.mark.parametrize("height,width", [(28, 28), (9, 13)])
+def test_fast_model_equals_naive_oracle_for_a_full_rollout(height, width):
+    fast, slow, *_ = run_both(height, width, steps=30)
+    assert fast.shape == slow.shape
+    assert torch.allclose(fast, slow, atol=1e-5, rtol=0), (fast - slow).abs().max()
+    assert (fast - slow).abs().max() < 1e-5
+    assert fast[:, -1].std() > 1e-3                             # a real, non-trivial state
+
+
+def test_gradients_equal_the_oracles():
+    fast, slow, model, oracle, _ = run_both(8, 8, steps=6)
+    target = torch.rand_like(fast[:, -1])
+    F.mse_loss(fast[:, -1], target).backward()
+    F.mse_loss(slow[:, -1], target).backward()
+    grad_A = conv_to_seed_linear(model.A.grad[0])                # route 0 is bottom_up[0]
+    assert torch.allclose(grad_A, oracle.bottom_up[0].Q1.weight.grad, atol=1e-6)
+    last_td = len(model.routes) - 1                               # the last route is top_down[1]
+    assert torch.allclose(model.C.grad[last_td], oracle.top_down[1].V1.weight.grad, atol=1e-6)
+
+
+def test_conv_layout_is_the_seeds_roll_and_concatenate():
+    torch.manual_seed(0)
+    D, H, W = 10, 6, 7
+    state = torch.randn(2, H, W, D)
+    linear = torch.randn(D, 9 * D)
+    rolled = torch.cat([torch.roll(state, shifts=s, dims=(1, 2)) for s in SHIFTS], dim=3)
+    seed_out = rolled @ linear.T                                  # (B, H, W, D)
+    conv = seed_linear_to_conv(linear, D)
+    x = F.pad(state.permute(0, 3, 1, 2), (1, 1, 1, 1), mode="circular")
+    conv_out = F.conv2d(x, conv).permute(0, 2, 3, 1)
+    assert torch.allclose(seed_out, conv_out, atol=1e-5)
+    assert torch.equal(conv_to_seed_linear(conv), linear)
+
+
+def attention_model(levels: int = 3, dim: int = 4) -> Glom:
+    return Glom(GlomConfig(levels=levels, dim=dim, num_classes=2, height=5, width=5, steps=1,
+                           attention=True))
+
+
+def test_attention_weights_sum_to_one_and_identical_neighbours_give_the_vector_back():
+    model = attention_model()
+    torch.manual_seed(0)
+    levels = torch.randn(2, 3, 4, 5, 5)
+    weights, _ = model.attention(levels)
+    assert weights.shape == (2, 3, 9, 5, 5)
+    assert torch.allclose(weights.sum(dim=2), torch.ones(2, 3, 5, 5), atol=1e-6)
+    same = torch.randn(1, 3, 4, 1, 1).expand(2, 3, 4, 5, 5).contiguous()
+    assert torch.allclose(model.consensus(same), same, atol=1e-6)
+    assert not torch.allclose(model.consensus(levels), levels, atol=1e-3)
+
+
+def test_agreement_at_a_higher_level_raises_an_attention_weight():
+    model = attention_model()
+    levels = torch.zeros(1, 3, 4, 5, 5)
+    levels[:, 0, 0] = 1.0                                         # level 0 identical everywhere
+    levels[:, 1, 1] = -1.0                                        # level 1: all columns disagree
+    levels[:, 1, 1, 2, 2] = 1.0                                   # with the centre column ...
+    levels[:, 1, 1, 2, 3] = 1.0                                   # ... but one neighbour agrees
+    weights, _ = model.attention(levels)
+    centre = weights[0, 0, :, 2, 2]                               # level 0 weights of (2, 2)
+    right = 1 * 3 + 2                                             # unfold index of offset (0, +1)
+    others = [n for n in range(9) if n not in (right, 4)]
+    assert centre[right] > centre[others].max() + 0.05
+    no_lambda = Glom(GlomConfig(levels=3, dim=4, num_classes=2, height=5, width=5, steps=1,
+                                attention=True, attention_lambda=0.0))
+    flat = no_lambda.attention(levels)[0][0, 0, :, 2, 2]          # lambda=0: only level 0 counts
+    assert torch.allclose(flat, torch.full((9,), 1 / 9), atol=1e-6)
+
+
+def test_consensus_preset_runs_and_keeps_the_input_level():
+    cfg = GlomConfig.preset("consensus", height=8, width=8, steps=4)
+    model = Glom(cfg).eval()
+    images = torch.randn(2, 1, 8, 8)
+    states = model(images, return_all=True)
+    assert states.shape == (5, 2, 4, 10, 8, 8)
+    assert torch.equal(states[-1, :, 0], images.expand(2, 10, 8, 8))
+    assert torch.isfinite(states).all()
+
+
+def test_average_update_is_the_mean_of_previous_state_and_messages():
+    cfg = GlomConfig(levels=3, dim=4, num_classes=2, height=4, width=4, steps=1, update="average",
+                     accumulate=(), dropout=0.0, out_scale=1.0)
+    model = Glom(cfg).eval()
+    levels = torch.randn(1, 3, 4, 4, 4)
+    messages = model.network_messages(levels)
+    out = model.update(levels)
+    assert torch.equal(out[:, 0], levels[:, 0])
+    assert torch.allclose(out[:, 1], (levels[:, 1] + messages[:, 1]) / 4, atol=1e-6)  # bu+lat+td
+    assert torch.allclose(out[:, 2], (levels[:, 2] + messages[:, 2]) / 3, atol=1e-6)  # bu+lat
+
+
+def test_return_all_and_predict_shapes_and_majority_vote():
+    model = Glom(GlomConfig.preset("seed", height=6, width=6, steps=3)).eval()
+    images = torch.randn(3, 1, 6, 6)
+    states = model(images, return_all=True)
+    assert states.shape == (4, 3, 4, 10, 6, 6)
+    assert model.predict(images).shape == (3,)
+    votes = torch.zeros(2, 6, 6, dtype=torch.long)
+    votes[0, :4] = 7                                              # 24 of 36 columns say 7
+    votes[1] = 3
+    assert model.majority(votes).tolist() == [7, 3]
+
+
+def test_rollout_is_deterministic_on_cpu_under_a_seed():
+    model = Glom(GlomConfig.preset("seed", height=6, width=6, steps=4)).train()
+    images = torch.randn(2, 1, 6, 6)
+    torch.manual_seed(5)
+    a = model(images)
+    torch.manual_seed(5)
+    b = model(images)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.zeros(1, 28, 28), "shape"),
+    (torch.zeros(1, 3, 28, 28), "shape"),
+    (torch.zeros(1, 1, 27, 28), "image size"),
+    (torch.zeros(1, 1, 28, 28, dtype=torch.uint8), "floating"),
+    (torch.full((1, 1, 28, 28), float("nan")), "NaN"),
+    ([[0.0]], "torch.Tensor"),
+])
+def test_bad_images_get_a_clear_error(bad, match):
+    model = Glom(GlomConfig.preset("seed", steps=1))
+    with pytest.raises(ValueError, match=match):
+        model(bad)
+
+
+def test_config_presets_and_errors():
+    seed = GlomConfig.preset("seed")
+    assert (seed.levels, seed.dim, seed.steps, seed.attention) == (4, 10, 30, False)
+    assert len(seed.routes()) == 8
+    with pytest.raises(ValueError, match="consensus"):
+        GlomConfig.preset("nope")
+    with pytest.raises(ValueError, match="update must be one of"):
+        GlomConfig(update="mean")
+    with pytest.raises(ValueError, match="kernel must be odd"):
+        GlomConfig(kernel=4)
+    with pytest.raises(ValueError, match="unknown field"):
+        GlomConfig.from_dict({"levles": 3})
+    assert GlomConfig.from_dict(seed.to_dict()) == seed
