@@ -46,7 +46,7 @@ def provenance(**extra: Any) -> dict[str, Any]:
     from . import __version__
 
     return {"package_version": __version__, "git_commit": git_commit(),
-            "torch_version": torch.__version__, "python": platform.python_version(),
+            "torch_version": str(torch.__version__), "python": platform.python_version(),
             "machine": platform.machine(), **extra}
 
 
@@ -88,7 +88,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError,
             AttributeError, ValueError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        lines = [l.strip() for l in str(err).splitlines() if l.strip()] or [type(err).__name__]
+        first = next((l for l in lines if "WeightsUnpickler error" in l), lines[0])
         raise CheckpointError(f"{path} is not a readable glom-mnist checkpoint "
                               f"(truncated, corrupt or not ours): {first[:200]}") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:

@@ -1,0 +1,112 @@
+"""Metrics of a GLOM checkpoint on a test set.
+
+- majority-vote accuracy: each column votes with the argmax of its top-level vector; the image's
+  label is the most common vote (the seed's rule);
+- per-column accuracy: the share of all columns whose vote is the image's label;
+- all-columns-agree rate: the share of images whose columns all cast the same vote;
+- confusion matrix (rows: true label, columns: majority vote) and per-class accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import default_device, load_checkpoint
+from .model import Glom
+
+
+@torch.no_grad()
+def evaluate_model(model: Glom, images: torch.Tensor, labels: torch.Tensor, *,
+                   batch_size: int = 500, steps: int | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Metrics of `model` (run in eval mode: no dropout, no noise) on normalised `images`."""
+    if len(images) != len(labels) or len(images) == 0:
+        raise ValueError(f"need as many labels as images (>0), got {len(images)} and {len(labels)}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    C = model.cfg.num_classes
+    confusion = torch.zeros(C, C, dtype=torch.long)
+    correct_columns = agree = 0
+    start = time.perf_counter()
+    batches = range(0, len(images), batch_size)
+    for i in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
+        x = images[i:i + batch_size].to(device)
+        y = labels[i:i + batch_size].to(device)
+        votes = model.votes(model(x, steps=steps))                      # (B, H, W)
+        majority = model.majority(votes)                                # (B,)
+        correct_columns += (votes == y[:, None, None]).sum().item()
+        agree += (votes == votes[:, :1, :1]).flatten(1).all(1).sum().item()
+        confusion += torch.bincount((y * C + majority).cpu(), minlength=C * C).reshape(C, C)
+    model.train(was_training)
+    n = len(images)
+    columns = n * model.cfg.height * model.cfg.width
+    per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
+    return {
+        "images": n,
+        "majority_vote_accuracy": confusion.diag().sum().item() / n,
+        "per_column_accuracy": correct_columns / columns,
+        "all_columns_agree": agree / n,
+        "per_class_accuracy": [round(v, 6) for v in per_class.tolist()],
+        "confusion_matrix": confusion.tolist(),
+        "steps": model.cfg.steps if steps is None else steps,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """The headline metrics and per-class accuracy as a plain-text table."""
+    lines = [f"images                  {metrics['images']}",
+             f"majority-vote accuracy  {metrics['majority_vote_accuracy']:.4f}",
+             f"per-column accuracy     {metrics['per_column_accuracy']:.4f}",
+             f"all-columns-agree       {metrics['all_columns_agree']:.4f}",
+             "per-class accuracy      " + " ".join(f"{i}:{a:.3f}" for i, a in
+                                                   enumerate(metrics["per_class_accuracy"]))]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a glom-mnist checkpoint (.pt)")
+    parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
+    parser.add_argument("--root", default="data", help="data folder (default: data)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N test images")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=None, help="rollout steps (default: config)")
+    parser.add_argument("--json", default=None, help="write the metrics to this JSON file")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .data import load_split, normalise, prepare, verify
+
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train one (`make train`) or use a "
+                                "file from best_models/")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    prepare(args.dataset, args.root)
+    model = load_checkpoint(path, device=args.device or default_device())
+    images, labels = load_split(args.dataset, args.root, train=False)
+    if args.limit:
+        images, labels = images[:args.limit], labels[:args.limit]
+    metrics = evaluate_model(model, normalise(images, args.dataset), labels,
+                             batch_size=args.batch_size, steps=args.steps)
+    metrics.update(checkpoint=str(path), dataset=args.dataset, split="test",
+                   device=str(next(model.parameters()).device),
+                   data_md5=verify(args.dataset, args.root),
+                   command="python -m glom_mnist evaluate " + " ".join(
+                       f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                       if v is not None and k not in ("command", "module")))
+    print(format_table(metrics))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

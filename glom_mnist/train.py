@@ -1,0 +1,312 @@
+"""Training: the seed's recipe by default, resumable exactly, logged for plotting.
+
+Recipe (seed): MSE between the top level and the one-hot label at every column, noise injected
+into the state during training, accumulated intermediate states (all in the model), Adam lr
+0.01, batch 60, 6000 iterations. Every hyper-parameter is a field of `TrainConfig`, settable
+from the command line and recorded in the checkpoint.
+
+Resuming: a training checkpoint holds the model, the optimiser, the torch RNG state, the
+iteration and the log; batch order is a function of (seed, epoch), so a resumed run draws the
+same batches and the same random numbers as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import (default_device, model_from_checkpoint, provenance,
+                         read_checkpoint, save_checkpoint)
+from .config import GlomConfig, PRESETS
+from .evaluate import evaluate_model
+from .model import Glom
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a run that is not the model."""
+
+    preset: str = "seed"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "mnist"
+    root: str = "data"
+    iterations: int = 6000
+    batch_size: int = 60
+    lr: float = 0.01
+    schedule: str = "constant"        # "constant" (seed) or "cosine" (decays to 0 at the end)
+    seed: int = 0
+    limit_train: int | None = None    # train on the first N images only (smoke runs)
+    eval_every: int = 250             # iterations between evaluations on the held-out slice
+    eval_images: int = 500            # the first N test images (used for the curve only)
+    checkpoint_every: int = 100       # iterations between resumable checkpoints ...
+    checkpoint_minutes: float = 5.0   # ... or minutes, whichever comes first
+    max_minutes: float | None = None  # stop (resumably) after this much wall time
+    out_dir: str = "runs/seed"
+    amp: bool = False                 # bfloat16 autocast on CUDA
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        for name in ("iterations", "batch_size", "eval_every", "eval_images", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+
+    def model_config(self) -> GlomConfig:
+        return GlomConfig.preset(self.preset, **self.model_overrides)
+
+
+def batch_indices(n: int, batch_size: int, iteration: int, seed: int) -> torch.Tensor:
+    """The training images of `iteration`: epochs are seeded permutations of the n images."""
+    per_epoch = max(1, n // batch_size)
+    epoch, i = divmod(iteration, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[i * batch_size:(i + 1) * batch_size]
+
+
+def top_level_loss(model: Glom, levels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """MSE between the top level's class channels and the one-hot label, at every column."""
+    C = model.cfg.num_classes
+    top = levels[:, -1, :C]                                              # (B, C, H, W)
+    target = F.one_hot(labels, C).to(top.dtype)[:, :, None, None].expand_as(top)
+    return F.mse_loss(top, target)
+
+
+def learning_rate(cfg: TrainConfig, iteration: int) -> float:
+    if cfg.schedule == "constant":
+        return cfg.lr
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * iteration / cfg.iterations))
+
+
+class Trainer:
+    """Holds a run's model, optimiser, data and log; `fit()` trains to cfg.iterations."""
+
+    def __init__(self, cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
+                 eval_images: torch.Tensor, eval_labels: torch.Tensor,
+                 resume: str | Path | None = None,
+                 on_eval: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device) if cfg.device else default_device()
+        self.images, self.labels = images, labels
+        self.eval_images, self.eval_labels = eval_images, eval_labels
+        self.on_eval = on_eval
+        self.iteration, self.wall = 0, 0.0
+        self.log: list[dict[str, Any]] = []
+        if resume:
+            self._resume(resume)
+        else:
+            torch.manual_seed(cfg.seed)
+            self.model = Glom(cfg.model_config()).to(self.device)
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+
+    def _resume(self, path: str | Path) -> None:
+        obj = read_checkpoint(path)
+        if "training" not in obj:
+            raise ValueError(f"{path} has no training state (a shipped model?); cannot resume")
+        state = obj["training"]
+        self.model = model_from_checkpoint(obj, path).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+        if self.device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        self.iteration, self.wall, self.log = state["iteration"], state["wall"], state["log"]
+
+    def training_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+                "iteration": self.iteration, "wall": self.wall, "log": self.log,
+                "train_config": dataclasses.asdict(self.cfg)}
+
+    def save(self, path: str | Path, metrics: dict[str, Any] | None = None,
+             training: bool = True) -> None:
+        save_checkpoint(self.model, path, metrics=metrics,
+                        training=self.training_state() if training else None,
+                        provenance_info=provenance(
+                            iterations=self.iteration, wall_seconds=round(self.wall, 1),
+                            device=str(self.device), train_config=dataclasses.asdict(self.cfg)))
+
+    def step(self) -> tuple[float, float]:
+        """One training iteration; returns (loss, majority-vote accuracy on the batch)."""
+        cfg = self.cfg
+        idx = batch_indices(len(self.images), cfg.batch_size, self.iteration, cfg.seed)
+        x, y = self.images[idx].to(self.device), self.labels[idx].to(self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, self.iteration)
+        self.model.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and self.device.type == "cuda"):
+            levels = self.model(x)
+            loss = top_level_loss(self.model, levels.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            accuracy = (self.model.majority(self.model.votes(levels)) == y).float().mean().item()
+        return loss.item(), accuracy
+
+    def evaluate(self) -> dict[str, Any]:
+        metrics = evaluate_model(self.model, self.eval_images, self.eval_labels,
+                                 batch_size=250, progress=False)
+        return {k: metrics[k] for k in ("majority_vote_accuracy", "per_column_accuracy",
+                                        "all_columns_agree")}
+
+    def fit(self, progress: bool = True) -> dict[str, Any]:
+        """Train until cfg.iterations (or max_minutes); checkpoint to out_dir/last.pt."""
+        cfg = self.cfg
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        last_save = time.monotonic()
+        session_start = time.monotonic()
+        stop = {"signal": False}
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not progress,
+                   desc="train", dynamic_ncols=True)
+        running_loss = running_acc = None
+        try:
+            while self.iteration < cfg.iterations and not stop["signal"]:
+                t0 = time.perf_counter()
+                loss, acc = self.step()
+                dt = time.perf_counter() - t0
+                self.wall += dt
+                self.iteration += 1
+                running_loss = loss if running_loss is None else 0.95 * running_loss + 0.05 * loss
+                running_acc = acc if running_acc is None else 0.95 * running_acc + 0.05 * acc
+                bar.update(1)
+                bar.set_postfix(loss=f"{running_loss:.4f}", acc=f"{running_acc:.3f}",
+                                img_s=f"{cfg.batch_size / dt:.1f}")
+                row: dict[str, Any] = {"iteration": self.iteration, "wall": round(self.wall, 2),
+                                       "loss": loss, "train_accuracy": acc}
+                if self.iteration % cfg.eval_every == 0 or self.iteration == cfg.iterations:
+                    row.update(self.evaluate())
+                    if self.on_eval:
+                        self.on_eval(row)
+                self.log.append(row)
+                timed_out = cfg.max_minutes is not None and \
+                    time.monotonic() - session_start > 60 * cfg.max_minutes
+                if (self.iteration % cfg.checkpoint_every == 0
+                        or time.monotonic() - last_save > 60 * cfg.checkpoint_minutes):
+                    self.save(out / "last.pt")
+                    self.write_log(out)
+                    last_save = time.monotonic()
+                if timed_out:
+                    break
+        except KeyboardInterrupt:
+            print(f"\ninterrupted at iteration {self.iteration}; saving {out / 'last.pt'}")
+            raise
+        finally:
+            bar.close()
+            signal.signal(signal.SIGTERM, previous)
+            self.save(out / "last.pt")
+            self.write_log(out)
+        done = self.iteration >= cfg.iterations
+        return {"iterations": self.iteration, "finished": done, "wall_seconds": self.wall,
+                **{k: v for k, v in (self.log[-1] if self.log else {}).items()
+                   if k not in ("iteration", "wall")}}
+
+    def write_log(self, out: Path) -> None:
+        """The learning curve as CSV (every iteration) and JSON (the evaluated rows)."""
+        keys = ["iteration", "wall", "loss", "train_accuracy", "majority_vote_accuracy",
+                "per_column_accuracy", "all_columns_agree"]
+        tmp = out / "log.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.log)
+        tmp.replace(out / "log.csv")
+        evaluated = [r for r in self.log if "majority_vote_accuracy" in r]
+        (out / "curve.json").write_text(json.dumps(evaluated, indent=1) + "\n")
+
+
+def load_training_data(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
+    """(train images, train labels, eval images, eval labels), normalised, from cfg.root."""
+    from .data import load_split, normalise, prepare
+
+    prepare(cfg.dataset, cfg.root)
+    images, labels = load_split(cfg.dataset, cfg.root, train=True)
+    test_images, test_labels = load_split(cfg.dataset, cfg.root, train=False)
+    if cfg.limit_train:
+        images, labels = images[:cfg.limit_train], labels[:cfg.limit_train]
+    test_images, test_labels = test_images[:cfg.eval_images], test_labels[:cfg.eval_images]
+    return (normalise(images, cfg.dataset), labels,
+            normalise(test_images, cfg.dataset), test_labels)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    parser.add_argument("--preset", default=defaults.preset, choices=sorted(PRESETS))
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a model config field, e.g. --set dropout=0 --set steps=20")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("preset", "model_overrides"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=default)
+        else:
+            kind = {"iterations": int, "batch_size": int, "seed": int, "limit_train": int,
+                    "eval_every": int, "eval_images": int, "checkpoint_every": int,
+                    "lr": float, "checkpoint_minutes": float, "max_minutes": float}.get(f.name, str)
+            parser.add_argument(flag, type=kind, default=default)
+    parser.add_argument("--resume", default=None, help="a runs/*/last.pt to continue from")
+    parser.add_argument("--save", default=None,
+                        help="when finished, also write the model (no training state) here")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`['dropout=0', 'accumulate=2,4']` -> {'dropout': 0.0, 'accumulate': (2, 4)}, typed by
+    the GlomConfig field's default."""
+    defaults = GlomConfig().to_dict()
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in defaults:
+            raise ValueError(f"--set wants FIELD=VALUE with FIELD one of {sorted(defaults)}, "
+                             f"got {pair!r}")
+        default = defaults[name]
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--set {name} wants true or false, got {text!r}")
+            out[name] = text.lower() in ("true", "1")
+        elif isinstance(default, tuple):
+            out[name] = tuple(int(v) for v in text.split(",") if v)
+        else:
+            out[name] = type(default)(text)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+              if f.name != "model_overrides"}
+    cfg = TrainConfig(**values, model_overrides=parse_overrides(args.set))
+    if args.resume:
+        saved = read_checkpoint(args.resume).get("training", {}).get("train_config")
+        if saved and not args.set:
+            cfg = dataclasses.replace(cfg, preset=saved["preset"],
+                                      model_overrides=saved["model_overrides"])
+    data = load_training_data(cfg)
+    trainer = Trainer(cfg, *data, resume=args.resume,
+                      on_eval=lambda row: tqdm.write(
+                          f"iter {row['iteration']}: held-out majority-vote accuracy "
+                          f"{row['majority_vote_accuracy']:.4f}, loss {row['loss']:.4f}"))
+    summary = trainer.fit()
+    print(json.dumps(summary, indent=1))
+    if summary["finished"] and args.save:
+        trainer.save(args.save, metrics=summary, training=False)
+        print(f"wrote {args.save}")
+    return 0

@@ -1,0 +1,116 @@
+"""Training is resumable exactly, logs its curve, and learns; all on tiny synthetic data."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from glom_mnist import load_checkpoint
+from glom_mnist.checkpoint import read_checkpoint
+from glom_mnist.train import TrainConfig, Trainer, batch_indices, parse_overrides
+
+TINY = {"height": 8, "width": 8, "steps": 3}
+
+
+def synthetic(n: int = 24, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    images = torch.randn(n, 1, 8, 8, generator=g) + labels[:, None, None, None] * 0.2
+    return images, labels, images[:8], labels[:8]
+
+
+def tiny_cfg(tmp_path, name: str, **kw) -> TrainConfig:
+    values = dict(model_overrides=TINY, iterations=6, batch_size=4, eval_every=3, eval_images=8,
+                  checkpoint_every=2, out_dir=str(tmp_path / name), device="cpu")
+    return TrainConfig(**{**values, **kw})
+
+
+def params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    straight = Trainer(tiny_cfg(tmp_path, "a"), *synthetic())
+    straight.fit(progress=False)
+
+    first = Trainer(tiny_cfg(tmp_path, "b", iterations=3), *synthetic())
+    first.fit(progress=False)
+    assert read_checkpoint(tmp_path / "b" / "last.pt")["training"]["iteration"] == 3
+    torch.manual_seed(1234)                                       # disturb the global RNG
+    resumed = Trainer(tiny_cfg(tmp_path, "b"), *synthetic(), resume=tmp_path / "b" / "last.pt")
+    resumed.fit(progress=False)
+
+    a, b = params(straight), params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["loss"] for r in straight.log] == [r["loss"] for r in resumed.log]
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
+    straight = Trainer(tiny_cfg(tmp_path, "a"), *synthetic())
+    straight.fit(progress=False)
+
+    interrupted = Trainer(tiny_cfg(tmp_path, "b"), *synthetic())
+    real_step = interrupted.step
+
+    def step_then_interrupt():
+        if interrupted.iteration == 4:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(interrupted, "step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(progress=False)
+    assert read_checkpoint(tmp_path / "b" / "last.pt")["training"]["iteration"] == 4
+    resumed = Trainer(tiny_cfg(tmp_path, "b"), *synthetic(), resume=tmp_path / "b" / "last.pt")
+    resumed.fit(progress=False)
+    for k, v in params(straight).items():
+        assert torch.equal(v, params(resumed)[k]), k
+
+
+def test_log_curve_and_checkpoint_are_written(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path, "a"), *synthetic())
+    summary = trainer.fit(progress=False)
+    assert summary["finished"] and summary["iterations"] == 6
+    rows = list(csv.DictReader(open(tmp_path / "a" / "log.csv")))
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    curve = json.loads((tmp_path / "a" / "curve.json").read_text())
+    assert [r["iteration"] for r in curve] == [3, 6]
+    assert 0.0 <= curve[-1]["majority_vote_accuracy"] <= 1.0
+    trainer.save(tmp_path / "model.pt", metrics=summary, training=False)
+    model = load_checkpoint(tmp_path / "model.pt", device="cpu")
+    assert not model.training
+    assert model.checkpoint_info["provenance"]["iterations"] == 6
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, trainer.model.state_dict()[k])
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path):
+    images, labels, *_ = synthetic(4)
+    cfg = tiny_cfg(tmp_path, "a", iterations=40, eval_every=40, checkpoint_every=40, lr=0.05,
+                   model_overrides={**TINY, "steps": 8, "dropout": 0.0, "noise": 0.0})
+    trainer = Trainer(cfg, images, labels, images, labels)
+    trainer.fit(progress=False)
+    losses = [r["loss"] for r in trainer.log]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_batches_cover_each_epoch_once_and_depend_on_the_seed():
+    epoch = torch.cat([batch_indices(12, 4, i, seed=0) for i in range(3)])
+    assert sorted(epoch.tolist()) == list(range(12))
+    assert not torch.equal(batch_indices(12, 4, 0, seed=0), batch_indices(12, 4, 0, seed=1))
+    assert not torch.equal(batch_indices(12, 4, 0, seed=0), batch_indices(12, 4, 3, seed=0))
+
+
+def test_bad_settings_are_refused_clearly():
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="unknown preset"):
+        TrainConfig(preset="huge")
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        parse_overrides(["dropuot=0"])
+    assert parse_overrides(["dropout=0", "accumulate=2,4", "attention=true"]) == {
+        "dropout": 0.0, "accumulate": (2, 4), "attention": True}
