@@ -50,6 +50,7 @@ _ALLOWED = {
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> object:
+        module = "builtins" if module == "__builtin__" else module   # protocol 2's old name
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
         if module == "__main__" or module.startswith("torch.nn.modules."):

@@ -1,0 +1,155 @@
+"""Speed and memory of the fast Glom against the naive oracle (tests/oracle.py), side by side.
+
+Seed configuration, batch 60, 30 steps. Measures one training iteration (rollout, MSE,
+backward, Adam step) and one forward-only evaluation pass for each implementation. Every
+measurement runs in a fresh child process (so its peak memory is its own), and the children
+alternate oracle / fast within each repeat, so machine noise hits both alike. Prints seconds per
+iteration, images/s, peak memory (CUDA: max allocated; CPU: growth of the process's peak RSS
+beyond what imports, model and data took) and the ratios; `--json` writes them.
+
+    python benchmarks/bench_model.py [--repeats 2] [--batch 60] [--steps 30] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def child(impl: str, mode: str, batch: int, steps: int, iterations: int, device: str) -> dict:
+    """One measurement: `iterations` timed runs after one warm-up, in this process."""
+    import torch
+    import torch.nn.functional as F
+
+    from glom_mnist import Glom, GlomConfig
+    from oracle import OracleGlom, oracle_loss
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    images = torch.randn(batch, 1, 28, 28, device=dev)
+    labels = torch.randint(0, 10, (batch,), device=dev)
+    if impl == "oracle":
+        if dev.type != "cpu":
+            raise SystemExit("the oracle is CPU-only (it creates its tensors on the CPU)")
+        model = OracleGlom(steps=steps)
+
+        def loss_fn():
+            return oracle_loss(model, images, labels)
+
+        def forward():
+            return model(images)
+    else:
+        model = Glom(GlomConfig.preset("seed", steps=steps)).to(dev)
+
+        def loss_fn():
+            top = model(images)[:, -1]
+            return F.mse_loss(top, F.one_hot(labels, 10).float()[:, :, None, None].expand_as(top))
+
+        def forward():
+            return model(images)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+
+    def train_once():
+        model.train()
+        optimizer.zero_grad()
+        loss_fn().backward()
+        optimizer.step()
+
+    @torch.no_grad()
+    def eval_once():
+        model.eval()
+        forward()
+
+    run = train_once if mode == "train" else eval_once
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss     # after setup, in KiB
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run()                                                   # warm-up
+    sync()
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    if dev.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:  # growth of the process's peak RSS over what setup (imports, model, data) used
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+    return {"impl": impl, "mode": mode, "seconds": statistics.median(times), "peak_mb": peak_mb}
+
+
+def measure(args: argparse.Namespace, impl: str, mode: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", impl, mode, "--batch", str(args.batch),
+           "--steps", str(args.steps), "--iterations", str(args.iterations),
+           "--device", args.device]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2, help="alternating rounds")
+    parser.add_argument("--iterations", type=int, default=1, help="timed runs per child")
+    parser.add_argument("--batch", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the oracle is CPU-only)")
+    parser.add_argument("--only-fast", action="store_true", help="skip the oracle (e.g. on GPU)")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--child", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child, args.batch, args.steps, args.iterations, args.device)))
+        return
+
+    impls = ["fast"] if args.only_fast else ["oracle", "fast"]
+    results: dict[tuple[str, str], list[dict]] = {}
+    for r in range(args.repeats):
+        for mode in ("train", "eval"):
+            for impl in impls:
+                m = measure(args, impl, mode)
+                results.setdefault((impl, mode), []).append(m)
+                print(f"round {r + 1}: {impl:6s} {mode:5s} {m['seconds']:8.3f} s  "
+                      f"peak {m['peak_mb']:8.0f} MB", flush=True)
+
+    summary: dict = {"batch": args.batch, "steps": args.steps, "device": args.device,
+                     "machine": platform.processor() or platform.machine(),
+                     "repeats": args.repeats, "command": " ".join(sys.argv)}
+    print(f"\nbatch {args.batch}, {args.steps} steps, {args.device}; median over "
+          f"{args.repeats} alternating rounds")
+    print(f"{'':14s}{'s/iter':>10s}{'images/s':>10s}{'peak MB':>10s}")
+    for (impl, mode), ms in results.items():
+        sec = statistics.median(m["seconds"] for m in ms)
+        peak = max(m["peak_mb"] for m in ms)
+        summary[f"{impl}_{mode}"] = {"seconds": sec, "images_per_s": args.batch / sec,
+                                     "peak_mb": peak}
+        print(f"{impl + ' ' + mode:14s}{sec:10.3f}{args.batch / sec:10.1f}{peak:10.0f}")
+    if not args.only_fast:
+        for mode in ("train", "eval"):
+            o, f = summary[f"oracle_{mode}"], summary[f"fast_{mode}"]
+            summary[f"speedup_{mode}"] = o["seconds"] / f["seconds"]
+            summary[f"memory_ratio_{mode}"] = f["peak_mb"] / o["peak_mb"]
+            print(f"{mode}: fast is {summary[f'speedup_{mode}']:.1f}x faster, peak memory "
+                  f"{summary[f'memory_ratio_{mode}']:.2f}x the oracle's")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
