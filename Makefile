@@ -23,7 +23,7 @@ fashion-mnist: setup
 	$(PY) -m glom_mnist data fashion-mnist --root $(DATA)
 
 evaluate: data             ## evaluate the shipped checkpoint on the test set and write imgs/
-	$(PY) -m glom_mnist evaluate --checkpoint $(CHECKPOINT) --root $(DATA) --json best_models/glom_seed.eval.json
+	$(PY) -m glom_mnist evaluate --checkpoint $(CHECKPOINT) --root $(DATA) --json runs/evaluate/glom_seed.json
 	$(PY) -m glom_mnist figures --root $(DATA)
 
 figures: data

@@ -80,8 +80,7 @@ class Glom(nn.Module):
         route_to_level = torch.zeros(R, L)
         route_to_level[torch.arange(R), torch.tensor([t for *_, t in self.routes], dtype=torch.long)] = 1
         self.register_buffer("route_to_level", route_to_level, persistent=False)
-        # levels that receive messages (all but the input level in the seed's wiring)
-        # attention reaches every level but the input one
+        # the consensus attention reaches every level but the input one
         attended = torch.ones(L).index_fill(0, torch.tensor([0]), 0.0) * float(cfg.attention)
         self.register_buffer("attended_levels", attended.view(1, L, 1, 1, 1), persistent=False)
         receives = route_to_level.sum(0) + attended
@@ -175,7 +174,8 @@ class Glom(nn.Module):
         levels = self.initial_state(images)
         input_level = levels[:, :1]                                          # (B, 1, D, H, W)
         states = [levels] if return_all else []
-        # accumulated intermediate states: residual shortcuts through the T steps
+        # accumulated intermediate states: residual shortcuts through the T steps, re-added and
+        # re-saved every T//k steps (T//2=15, T//4=7, T//8=3 for T=30; at least every step)
         periods = [max(1, T // k) for k in cfg.accumulate]
         saved = [levels] * len(periods)
         for t in range(T):
