@@ -1,0 +1,281 @@
+"""Islands of agreement: do GLOM's columns agree, and at which scale?
+
+GLOM's claim (Hinton 2021, "islands of identical vectors"): after some steps the columns that
+belong to one part agree at that part's level, so islands of near-identical level vectors form,
+small at low levels (parts) and large at high levels (the whole digit). Everything here is
+computed from the states of a rollout, `model(images, return_all=True)`: `(T+1, B, L, D, H, W)`.
+Functions that take `states` also accept a single state `(B, L, D, H, W)` and then return their
+result without the step axis.
+
+Two neighbourhoods, on purpose:
+- `neighbour_cosine` uses the model's own neighbourhood, the 8 neighbours on a torus, so it
+  measures agreement with exactly the columns each column reads;
+- `islands` uses the plain image grid with 4-neighbour edges and no wrap-around, so that an
+  island is a region one can outline on the digit (on a torus the background at the left and
+  right borders would be one island, and a diagonal touch would merge two strokes).
+
+The digit mask (`digit_mask`): a column is on the digit when its pixel is brighter than half the
+way from the image's darkest to its brightest pixel; for raw MNIST that is intensity > 0.5 x max.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+# the model's 3x3 neighbourhood without the centre, as (dy, dx) offsets on the torus
+TORUS_NEIGHBOURS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
+
+
+def _steps_axis(states: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """`(T+1, B, L, D, H, W)` as is, or a single state `(B, L, D, H, W)` with a step axis added;
+    the flag says whether the caller should drop the step axis again."""
+    if states.dim() == 6:
+        return states, False
+    if states.dim() == 5:
+        return states.unsqueeze(0), True
+    raise ValueError(f"states must be (T+1, B, L, D, H, W) or (B, L, D, H, W), "
+                     f"got shape {tuple(states.shape)}")
+
+
+# ---- agreement with the neighbours --------------------------------------------------------------
+
+def neighbour_cosine_map(states: torch.Tensor) -> torch.Tensor:
+    """Each column's mean cosine similarity to its 8 torus neighbours, per level.
+
+    `(..., L, D, H, W)` -> `(..., L, H, W)`. A zero vector has cosine 0 with everything.
+    """
+    unit = F.normalize(states, dim=-3)                                   # (..., L, D, H, W)
+    total = sum((unit * unit.roll((dy, dx), dims=(-2, -1))).sum(-3) for dy, dx in TORUS_NEIGHBOURS)
+    return total / len(TORUS_NEIGHBOURS)                                 # (..., L, H, W)
+
+
+def neighbour_cosine(states: torch.Tensor) -> torch.Tensor:
+    """Neighbour cosine: the mean over images and columns of the cosine similarity between a
+    column's level vector and those of its 8 torus neighbours. `(T+1, L)`, or `(L,)` for a state."""
+    states, single = _steps_axis(states)
+    per_image = neighbour_cosine_map(states).mean((-2, -1))              # (T+1, B, L)
+    mean = per_image.mean(1)                                             # (T+1, L)
+    return mean[0] if single else mean
+
+
+# ---- islands ------------------------------------------------------------------------------------
+
+def digit_mask(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Digit pixels: brighter than `threshold` of the way from the image's darkest pixel to its
+    brightest. Raw `(B, H, W)` or normalised `(B, 1, H, W)` images -> bool `(B, H, W)`."""
+    x = images.float().reshape(images.shape[0], images.shape[-2], images.shape[-1])  # (B, H, W)
+    low = x.amin((-2, -1), keepdim=True)
+    high = x.amax((-2, -1), keepdim=True)
+    return x - low > threshold * (high - low)
+
+
+@dataclass
+class Islands:
+    """The islands of every image and level (leading axes `...` = those of the levels given)."""
+
+    labels: torch.Tensor     # (..., L, H, W) int64: island 0..count-1 (row-major order), -1 = none
+    count: torch.Tensor      # (..., L) int64: number of islands
+    mean_size: torch.Tensor  # (..., L) float: columns in islands / count (nan if there are none)
+    largest: torch.Tensor    # (..., L) int64: columns in the largest island
+
+
+def islands(levels: torch.Tensor, tau: float = 0.9, mask: torch.Tensor | None = None) -> Islands:
+    """Islands: the connected components of the image grid whose edges join 4-neighbours (no
+    wrap-around) whose level vectors have cosine similarity >= tau, per image and level.
+
+    levels: `(..., L, D, H, W)`, e.g. `(B, L, D, H, W)` or every step `(T+1, B, L, D, H, W)`.
+    mask: bool `(B, H, W)` (e.g. `digit_mask`), the same for every level and step; columns
+    outside it belong to no island (label -1) and join nothing.
+    Components by min-label propagation: every column starts with its own index as label and
+    repeatedly takes the smallest label across its edges; each round also jumps to the label of
+    its label (a column of the same island), which cuts the rounds from the island's length
+    to about its logarithm. At the fixed point a label is the smallest index in the island.
+    """
+    *lead, D, H, W = levels.shape
+    n = H * W
+    unit = F.normalize(levels, dim=-3)                                   # (..., L, D, H, W)
+    inside = torch.ones(*lead, H, W, dtype=torch.bool, device=levels.device)
+    if mask is not None:
+        inside = inside & mask.to(levels.device).unsqueeze(-3)           # (..., L, H, W)
+    right = (unit[..., :-1] * unit[..., 1:]).sum(-3) >= tau             # (..., L, H, W-1)
+    down = (unit[..., :-1, :] * unit[..., 1:, :]).sum(-3) >= tau       # (..., L, H-1, W)
+    right &= inside[..., :-1] & inside[..., 1:]
+    down &= inside[..., :-1, :] & inside[..., 1:, :]
+
+    outside = n                                                          # larger than any index
+    index = torch.arange(n, device=levels.device).reshape(H, W)
+    labels = torch.where(inside, index, outside)                         # (..., L, H, W)
+    while True:
+        new = labels.clone()
+        new[..., :-1] = torch.minimum(new[..., :-1], torch.where(right, labels[..., 1:], outside))
+        new[..., 1:] = torch.minimum(new[..., 1:], torch.where(right, labels[..., :-1], outside))
+        new[..., :-1, :] = torch.minimum(new[..., :-1, :], torch.where(down, labels[..., 1:, :], outside))
+        new[..., 1:, :] = torch.minimum(new[..., 1:, :], torch.where(down, labels[..., :-1, :], outside))
+        flat = new.flatten(-2)                                           # (..., L, H*W)
+        jumped = flat.gather(-1, flat.clamp(max=n - 1))                  # the label's label
+        new = torch.where(flat == outside, outside, jumped).view_as(new)
+        if torch.equal(new, labels):
+            break
+        labels = new
+
+    flat = labels.flatten(-2)                                            # (..., L, H*W)
+    roots = flat == index.flatten()                                      # one per island
+    island_id = roots.cumsum(-1) - 1
+    ids = torch.where(flat == outside, -1, island_id.gather(-1, flat.clamp(max=n - 1)))
+    sizes = torch.zeros_like(flat).scatter_add_(-1, flat.clamp(max=n - 1),
+                                                inside.flatten(-2).long())
+    count = roots.sum(-1)                                                # (..., L)
+    members = inside.flatten(-2).sum(-1)
+    mean_size = torch.where(count > 0, members / count.clamp(min=1), float("nan"))
+    return Islands(labels=ids.view_as(labels), count=count, mean_size=mean_size,
+                   largest=sizes.amax(-1))
+
+
+def _island_stats_per_image(states: torch.Tensor, tau: float,
+                            mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """count, mean_size, largest per step, image and level `(T+1, B, L)`; with a mask also the
+    same over digit columns only (keys prefixed "digit_")."""
+    stats = {}
+    for prefix, m in [("", None)] + ([("digit_", mask)] if mask is not None else []):
+        found = islands(states, tau, m)
+        stats.update({prefix + "count": found.count.float(), prefix + "mean_size": found.mean_size,
+                      prefix + "largest": found.largest.float()})
+    return stats
+
+
+def island_stats(states: torch.Tensor, tau: float = 0.9,
+                 digit_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Island count, mean island size (columns per island) and largest island (columns), each
+    averaged over images, per step and level: `(T+1, L)` (or `(L,)` for a single state).
+
+    Over all columns, and with `digit_mask` (`(B, H, W)`) also over digit columns only (keys
+    "digit_count", "digit_mean_size", "digit_largest"); images without an island are skipped.
+    """
+    states, single = _steps_axis(states)
+    stats = {k: v.nanmean(1) for k, v in _island_stats_per_image(states, tau, digit_mask).items()}
+    return {k: v[0] for k, v in stats.items()} if single else stats
+
+
+# ---- the top level's vote ---------------------------------------------------------------------
+
+def column_votes(levels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Each column's class: argmax of the first num_classes channels of its top-level vector
+    (the model's rule, `Glom.votes`). `(..., L, D, H, W)` -> `(..., H, W)`."""
+    return levels[..., -1, :num_classes, :, :].argmax(dim=-3)
+
+
+def vote_counts(votes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Columns voting for each class. `(..., H, W)` -> `(..., num_classes)`."""
+    return F.one_hot(votes.flatten(-2), num_classes).sum(-2)
+
+
+def majority_vote(votes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The image's label: the most common column vote, ties to the lowest class (`Glom.majority`).
+    `(..., H, W)` -> `(...,)`."""
+    return vote_counts(votes, num_classes).argmax(-1)
+
+
+def vote_share(votes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Confidence: the share of columns that vote for the majority label. `(..., H, W)` -> `(...,)`."""
+    counts = vote_counts(votes, num_classes)
+    return counts.amax(-1) / counts.sum(-1)
+
+
+def _agreement_per_image(states: torch.Tensor, labels: torch.Tensor,
+                         num_classes: int) -> dict[str, torch.Tensor]:
+    """The three agreement metrics of each step and image `(T+1, B)`, as floats."""
+    votes = column_votes(states, num_classes)                            # (T+1, B, H, W)
+    labels = labels.to(votes.device)
+    return {
+        "per_column_accuracy": (votes == labels[:, None, None]).float().mean((-2, -1)),
+        "all_columns_agree": (votes == votes[..., :1, :1]).flatten(-2).all(-1).float(),
+        "majority_vote_accuracy": (majority_vote(votes, num_classes) == labels).float(),
+    }
+
+
+def agreement(states: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """The top level's agreement at every step, averaged over images: `(T+1,)` each (0-dim for a
+    single state). per_column_accuracy: the share of columns whose vote is the label;
+    all_columns_agree: the share of images whose columns all vote the same;
+    majority_vote_accuracy: the share of images whose majority vote is the label."""
+    states, single = _steps_axis(states)
+    means = {k: v.mean(1) for k, v in _agreement_per_image(states, labels, num_classes).items()}
+    return {k: v[0] for k, v in means.items()} if single else means
+
+
+# ---- a whole test set ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def rollout_statistics(model: Any, images: torch.Tensor, labels: torch.Tensor, *,
+                       masks: torch.Tensor | None = None, tau: float = 0.9,
+                       with_islands: bool = True, batch_size: int = 32,
+                       steps: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Neighbour cosine, agreement and island statistics of `model` (in eval mode) on normalised
+    `images` `(N, 1, H, W)`, rolled out in batches and averaged over all N images.
+
+    Returns `neighbour_cosine` `(T+1, L)`, the `agreement` metrics `(T+1,)`, with_islands the
+    `island_stats` `(T+1, L)` (digit-only ones too when `masks` `(N, H, W)` is given), and the
+    final step's `votes` `(N, H, W)`, `majority` `(N,)` and `vote_share` `(N,)` on the CPU.
+    The averages equal those of the per-batch functions applied to all images at once.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    C = model.cfg.num_classes
+    per_image: dict[str, list[torch.Tensor]] = {}
+    for i in tqdm(range(0, len(images), batch_size), desc="rollout", disable=not progress,
+                  leave=False):
+        states = model(images[i:i + batch_size].to(device), steps=steps,
+                       return_all=True)                                  # (T+1, B, L, D, H, W)
+        found = {"neighbour_cosine": neighbour_cosine_map(states).mean((-2, -1)),
+                 **_agreement_per_image(states, labels[i:i + batch_size], C)}
+        if with_islands:
+            mask = None if masks is None else masks[i:i + batch_size]
+            found.update(_island_stats_per_image(states, tau, mask))
+        found["votes"] = column_votes(states[-1], C).to(torch.uint8)[None]  # (1, B, H, W)
+        for k, v in found.items():
+            per_image.setdefault(k, []).append(v.cpu())
+    model.train(was_training)
+    joined = {k: torch.cat(v, dim=1) for k, v in per_image.items()}     # image axis is 1
+    votes = joined.pop("votes")[0].long()                                # (N, H, W)
+    stats: dict[str, Any] = {k: v.nanmean(1) for k, v in joined.items()}
+    stats.update(votes=votes, majority=majority_vote(votes, C), vote_share=vote_share(votes, C))
+    return stats
+
+
+# ---- parts and wholes ---------------------------------------------------------------------------
+
+def part_whole_table(stats_by_model: Mapping[str, Mapping[str, torch.Tensor]],
+                     step: int = -1) -> list[dict[str, Any]]:
+    """Does island size grow from level 1 to the top level? One row per model and column set
+    (all columns; digit columns when measured): mean island size per level at `step`, the ratio
+    top / level 1, and `grows` = sizes never shrink from level 1 up.
+
+    stats_by_model: name -> `island_stats` (or `rollout_statistics`) result `(T+1, L)`.
+    """
+    rows = []
+    for name, stats in stats_by_model.items():
+        for columns, key in (("all", "mean_size"), ("digit", "digit_mean_size")):
+            if key not in stats:
+                continue
+            sizes = stats[key][step][1:].tolist()                        # levels 1 .. L-1
+            row: dict[str, Any] = {"model": name, "columns": columns}
+            row.update({f"level {l}": round(s, 2) for l, s in enumerate(sizes, start=1)})
+            row["top / level 1"] = round(sizes[-1] / sizes[0], 2) if sizes[0] else float("nan")
+            row["grows"] = all(b >= a for a, b in zip(sizes, sizes[1:]))
+            rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Rows of dicts (e.g. `part_whole_table`) as an aligned plain-text table."""
+    if not rows:
+        return "(no rows)"
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [keys] + [[str(row.get(k, "")) for k in keys] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(keys))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
