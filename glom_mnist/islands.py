@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-# the model's 3x3 neighbourhood without the centre, as (dy, dx) offsets on the torus
-TORUS_NEIGHBOURS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
+# half of the model's 8 torus neighbours as (dy, dx); the other half are their opposites
+HALF_NEIGHBOURS = ((0, 1), (1, -1), (1, 0), (1, 1))
 
 
 def _steps_axis(states: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -47,10 +47,17 @@ def neighbour_cosine_map(states: torch.Tensor) -> torch.Tensor:
     """Each column's mean cosine similarity to its 8 torus neighbours, per level.
 
     `(..., L, D, H, W)` -> `(..., L, H, W)`. A zero vector has cosine 0 with everything.
+    Cosine is symmetric, so the similarity to the neighbour at -(dy, dx) is that of (dy, dx)
+    read at the neighbour: 4 products instead of 8.
     """
-    unit = F.normalize(states, dim=-3)                                   # (..., L, D, H, W)
-    total = sum((unit * unit.roll((dy, dx), dims=(-2, -1))).sum(-3) for dy, dx in TORUS_NEIGHBOURS)
-    return total / len(TORUS_NEIGHBOURS)                                 # (..., L, H, W)
+    *lead, D, H, W = states.shape
+    unit = F.normalize(states, dim=-3).reshape(-1, D, H, W)
+    padded = F.pad(unit, (1, 1, 1, 1), mode="circular")                  # (N, D, H+2, W+2)
+    total = unit.new_zeros(unit.shape[0], H, W)
+    for dy, dx in HALF_NEIGHBOURS:
+        similarity = (unit * padded[..., 1 + dy:1 + dy + H, 1 + dx:1 + dx + W]).sum(1)  # (N, H, W)
+        total += similarity + similarity.roll((dy, dx), dims=(-2, -1))
+    return (total / 8).reshape(*lead, H, W)
 
 
 def neighbour_cosine(states: torch.Tensor) -> torch.Tensor:
@@ -90,10 +97,12 @@ def islands(levels: torch.Tensor, tau: float = 0.9, mask: torch.Tensor | None = 
     levels: `(..., L, D, H, W)`, e.g. `(B, L, D, H, W)` or every step `(T+1, B, L, D, H, W)`.
     mask: bool `(B, H, W)` (e.g. `digit_mask`), the same for every level and step; columns
     outside it belong to no island (label -1) and join nothing.
-    Components by min-label propagation: every column starts with its own index as label and
-    repeatedly takes the smallest label across its edges; each round also jumps to the label of
-    its label (a column of the same island), which cuts the rounds from the island's length
-    to about its logarithm. At the fixed point a label is the smallest index in the island.
+    Components by min-label propagation (vectorised over images, levels and steps): every
+    column starts with its own index as label; each round it takes the smallest label across its
+    edges, hands that label on to the column its label names ("hooking": a whole tree of labels
+    moves at once), then jumps to its label's label. Labels only ever name columns of the same
+    island and only decrease, so at the fixed point each is the island's smallest index; hooking
+    and jumping make the rounds grow with the logarithm of the island's length, not the length.
     """
     *lead, D, H, W = levels.shape
     n = H * W
@@ -106,33 +115,34 @@ def islands(levels: torch.Tensor, tau: float = 0.9, mask: torch.Tensor | None = 
     right &= inside[..., :-1] & inside[..., 1:]
     down &= inside[..., :-1, :] & inside[..., 1:, :]
 
-    outside = n                                                          # larger than any index
-    index = torch.arange(n, device=levels.device).reshape(H, W)
-    labels = torch.where(inside, index, outside)                         # (..., L, H, W)
+    # labels (..., L, H*W + 1): slot n is a sink that every outside column points to
+    index = torch.arange(n + 1, device=levels.device)
+    labels = torch.where(inside.flatten(-2), index[:n], n)
+    labels = torch.cat([labels, labels.new_full((*lead, 1), n)], -1)
     while True:
-        new = labels.clone()
-        new[..., :-1] = torch.minimum(new[..., :-1], torch.where(right, labels[..., 1:], outside))
-        new[..., 1:] = torch.minimum(new[..., 1:], torch.where(right, labels[..., :-1], outside))
-        new[..., :-1, :] = torch.minimum(new[..., :-1, :], torch.where(down, labels[..., 1:, :], outside))
-        new[..., 1:, :] = torch.minimum(new[..., 1:, :], torch.where(down, labels[..., :-1, :], outside))
-        flat = new.flatten(-2)                                           # (..., L, H*W)
-        jumped = flat.gather(-1, flat.clamp(max=n - 1))                  # the label's label
-        new = torch.where(flat == outside, outside, jumped).view_as(new)
+        grid = labels[..., :n].view(*lead, H, W)
+        smallest = grid.clone()                                          # over self and edges
+        smallest[..., :-1] = torch.minimum(smallest[..., :-1], torch.where(right, grid[..., 1:], n))
+        smallest[..., 1:] = torch.minimum(smallest[..., 1:], torch.where(right, grid[..., :-1], n))
+        smallest[..., :-1, :] = torch.minimum(smallest[..., :-1, :], torch.where(down, grid[..., 1:, :], n))
+        smallest[..., 1:, :] = torch.minimum(smallest[..., 1:, :], torch.where(down, grid[..., :-1, :], n))
+        smallest = smallest.flatten(-2)                                  # (..., L, H*W)
+        hooked = torch.cat([smallest, labels[..., n:]], -1).scatter_reduce(
+            -1, labels[..., :n], smallest, "amin")
+        new = hooked.gather(-1, hooked)                                  # the label's label
         if torch.equal(new, labels):
             break
         labels = new
 
-    flat = labels.flatten(-2)                                            # (..., L, H*W)
-    roots = flat == index.flatten()                                      # one per island
-    island_id = roots.cumsum(-1) - 1
-    ids = torch.where(flat == outside, -1, island_id.gather(-1, flat.clamp(max=n - 1)))
-    sizes = torch.zeros_like(flat).scatter_add_(-1, flat.clamp(max=n - 1),
-                                                inside.flatten(-2).long())
+    labels = labels[..., :n]                                             # (..., L, H*W)
+    roots = labels == index[:n]                                          # one per island
+    island_id = torch.cat([roots.cumsum(-1) - 1, labels.new_full((*lead, 1), -1)], -1)
+    sizes = torch.zeros_like(island_id).scatter_add_(-1, labels, torch.ones_like(labels))
     count = roots.sum(-1)                                                # (..., L)
     members = inside.flatten(-2).sum(-1)
     mean_size = torch.where(count > 0, members / count.clamp(min=1), float("nan"))
-    return Islands(labels=ids.view_as(labels), count=count, mean_size=mean_size,
-                   largest=sizes.amax(-1))
+    return Islands(labels=island_id.gather(-1, labels).view(*lead, H, W), count=count,
+                   mean_size=mean_size, largest=sizes[..., :n].amax(-1))
 
 
 def _island_stats_per_image(states: torch.Tensor, tau: float,

@@ -55,6 +55,14 @@ def test_checkerboard_of_orthogonal_vectors_is_all_single_columns():
     assert torch.allclose(neighbour_cosine(state), torch.full((L,), 0.5))
 
 
+def test_neighbour_cosine_map_equals_the_8_rolled_neighbours():
+    state = torch.randn(2, B, L, D, H, W, dtype=torch.float64)
+    unit = torch.nn.functional.normalize(state, dim=-3)
+    expected = sum((unit * unit.roll((dy, dx), dims=(-2, -1))).sum(-3)
+                   for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)) / 8
+    assert torch.allclose(neighbour_cosine_map(state), expected)
+
+
 def test_two_halves_are_two_islands_without_wrap_around():
     found = islands(halves_state())
     assert (found.count == 2).all() and (found.mean_size == H * W / 2).all()
@@ -71,6 +79,16 @@ def test_the_border_ring_is_one_island():
     ring = torch.ones(H, W, dtype=torch.bool)
     ring[1:-1, 1:-1] = False
     assert (found.labels[..., ring] == 0).all() and (found.labels[..., ~ring] == 1).all()
+
+
+def test_a_snake_is_one_island():
+    """A path through every other row, back and forth: the longest island the grid holds."""
+    mask = torch.zeros(B, H, W, dtype=torch.bool)
+    mask[:, ::2] = True
+    for row in range(1, H, 2):
+        mask[:, row, -1 if row % 4 == 1 else 0] = True
+    found = islands(constant_state(torch.ones(D)), mask=mask)
+    assert (found.count == 1).all() and (found.largest == mask[0].sum()).all()
 
 
 def flood_fill_labels(levels: torch.Tensor, tau: float, mask: torch.Tensor) -> torch.Tensor:
