@@ -41,6 +41,12 @@ def _steps_axis(states: torch.Tensor) -> tuple[torch.Tensor, bool]:
                      f"got shape {tuple(states.shape)}")
 
 
+def _unit(levels: torch.Tensor) -> torch.Tensor:
+    """Level vectors scaled to length 1 along D (zero vectors stay zero); `(..., D, H, W)`.
+    Twice as fast on a CPU as F.normalize, whose norm kernel is slow along a strided axis."""
+    return levels * (levels * levels).sum(-3, keepdim=True).clamp(min=1e-24).rsqrt()
+
+
 # ---- agreement with the neighbours --------------------------------------------------------------
 
 def neighbour_cosine_map(states: torch.Tensor) -> torch.Tensor:
@@ -51,7 +57,7 @@ def neighbour_cosine_map(states: torch.Tensor) -> torch.Tensor:
     read at the neighbour: 4 products instead of 8.
     """
     *lead, D, H, W = states.shape
-    unit = F.normalize(states, dim=-3).reshape(-1, D, H, W)
+    unit = _unit(states).reshape(-1, D, H, W)
     padded = F.pad(unit, (1, 1, 1, 1), mode="circular")                  # (N, D, H+2, W+2)
     total = unit.new_zeros(unit.shape[0], H, W)
     for dy, dx in HALF_NEIGHBOURS:
@@ -104,19 +110,30 @@ def islands(levels: torch.Tensor, tau: float = 0.9, mask: torch.Tensor | None = 
     island and only decrease, so at the fixed point each is the island's smallest index; hooking
     and jumping make the rounds grow with the logarithm of the island's length, not the length.
     """
-    *lead, D, H, W = levels.shape
+    return _islands_from_cosines(*_grid_cosines(levels), tau, mask)
+
+
+def _grid_cosines(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarity of each column with its right and its lower neighbour (no wrap-around):
+    `(..., D, H, W)` -> `(..., H, W-1)` and `(..., H-1, W)`."""
+    unit = _unit(levels)
+    return (unit[..., :-1] * unit[..., 1:]).sum(-3), (unit[..., :-1, :] * unit[..., 1:, :]).sum(-3)
+
+
+def _islands_from_cosines(right: torch.Tensor, down: torch.Tensor, tau: float,
+                          mask: torch.Tensor | None) -> Islands:
+    """`islands`, given the cosines of `_grid_cosines`."""
+    *lead, H, _ = right.shape
+    W = down.shape[-1]
     n = H * W
-    unit = F.normalize(levels, dim=-3)                                   # (..., L, D, H, W)
-    inside = torch.ones(*lead, H, W, dtype=torch.bool, device=levels.device)
+    inside = torch.ones(*lead, H, W, dtype=torch.bool, device=down.device)
     if mask is not None:
-        inside = inside & mask.to(levels.device).unsqueeze(-3)           # (..., L, H, W)
-    right = (unit[..., :-1] * unit[..., 1:]).sum(-3) >= tau             # (..., L, H, W-1)
-    down = (unit[..., :-1, :] * unit[..., 1:, :]).sum(-3) >= tau       # (..., L, H-1, W)
-    right &= inside[..., :-1] & inside[..., 1:]
-    down &= inside[..., :-1, :] & inside[..., 1:, :]
+        inside = inside & mask.to(down.device).unsqueeze(-3)             # (..., L, H, W)
+    right = (right >= tau) & inside[..., :-1] & inside[..., 1:]          # (..., L, H, W-1)
+    down = (down >= tau) & inside[..., :-1, :] & inside[..., 1:, :]      # (..., L, H-1, W)
 
     # labels (..., L, H*W + 1): slot n is a sink that every outside column points to
-    index = torch.arange(n + 1, device=levels.device)
+    index = torch.arange(n + 1, device=down.device)
     labels = torch.where(inside.flatten(-2), index[:n], n)
     labels = torch.cat([labels, labels.new_full((*lead, 1), n)], -1)
     while True:
@@ -150,8 +167,9 @@ def _island_stats_per_image(states: torch.Tensor, tau: float,
     """count, mean_size, largest per step, image and level `(T+1, B, L)`; with a mask also the
     same over digit columns only (keys prefixed "digit_")."""
     stats = {}
+    cosines = _grid_cosines(states)
     for prefix, m in [("", None)] + ([("digit_", mask)] if mask is not None else []):
-        found = islands(states, tau, m)
+        found = _islands_from_cosines(*cosines, tau, m)
         stats.update({prefix + "count": found.count.float(), prefix + "mean_size": found.mean_size,
                       prefix + "largest": found.largest.float()})
     return stats
