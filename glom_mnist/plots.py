@@ -19,6 +19,7 @@ from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .islands import column_votes
 
@@ -196,23 +197,41 @@ def consensus_animation(states: torch.Tensor, path: str | Path, *,
 
 # ---- curves -------------------------------------------------------------------------------------
 
-def plot_agreement(stats: Mapping[str, torch.Tensor]) -> Figure:
-    """Left: neighbour cosine per level `(T+1, L)` vs step; right: the top level's agreement
-    metrics `(T+1,)` vs step (keys as in `islands.rollout_statistics`)."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+def plot_neighbour_cosine(stats: Mapping[str, torch.Tensor], ax: Axes | None = None) -> Figure:
+    """Neighbour cosine per level `(T+1, L)` vs step (key as in `islands.rollout_statistics`)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.6))
     cosine = torch.as_tensor(stats["neighbour_cosine"])
     for l in range(cosine.shape[1]):
-        left.plot(cosine[:, l], label=f"level {l}")
-    left.set(xlabel="step", ylabel="mean cosine to the 8 neighbours",
-             title="agreement with the neighbours")
-    left.legend(fontsize=8)
+        ax.plot(cosine[:, l], label=f"level {l}")
+    ax.set(xlabel="step", ylabel="mean cosine to the 8 neighbours",
+           title="agreement with the neighbours")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return ax.figure
+
+
+def plot_votes_per_step(stats: Mapping[str, torch.Tensor], ax: Axes | None = None) -> Figure:
+    """The top level's agreement metrics `(T+1,)` vs step (keys as in
+    `islands.rollout_statistics`): per-column and majority-vote accuracy, all-columns-agree."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.6))
     for key, name in AGREEMENT_NAMES.items():
         if key in stats:
-            right.plot(torch.as_tensor(stats[key]), label=name)
-    right.set(xlabel="step", ylabel="share", ylim=(0, 1.02), title="the top level's vote")
-    right.legend(fontsize=8)
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
+            ax.plot(torch.as_tensor(stats[key]), label=name)
+    ax.set(xlabel="step", ylabel="share", ylim=(0, 1.02), title="the top level's vote")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return ax.figure
+
+
+def plot_agreement(stats: Mapping[str, torch.Tensor]) -> Figure:
+    """`plot_neighbour_cosine` and `plot_votes_per_step` side by side."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    plot_neighbour_cosine(stats, left)
+    plot_votes_per_step(stats, right)
     fig.tight_layout()
     return fig
 
@@ -236,6 +255,7 @@ def plot_island_stats(stats: Mapping[str, torch.Tensor]) -> Figure:
     size_ax.legend(fontsize=7, ncol=2)
     for ax in (size_ax, count_ax):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 
