@@ -4,7 +4,8 @@ From the first --images test images (statistics) and the first --digits of them 
 - islands.png: each level at the final step in PCA colours, island outlines over the digit;
 - agreement.png: neighbour cosine per level, and the top level's agreement, vs step;
 - training_curve.png: loss and accuracy vs iterations and wall time, from the training log
-  (the checkpoint's own, else the run folder's log.csv or curve.json);
+  (the checkpoint's own, else `<checkpoint stem>.log.csv` beside it, else the run folder's
+  log.csv or curve.json);
 - consensus.gif: the consensus forming over the steps for --gif-digits digits;
 - islands.json: the numbers behind these figures, and the command that wrote them.
 """
@@ -28,27 +29,30 @@ from .islands import (column_votes, digit_mask, islands, majority_vote, part_who
 MASK_RULE = "digit columns: pixel brighter than half way from the image's darkest to its brightest"
 
 
+def _read_log_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows of a `Trainer.write_log` CSV, numbers as floats, empty cells left out."""
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(f)]
+
+
 def read_training_log(checkpoint: str | Path,
                       run_dir: str | Path | None) -> tuple[list[dict[str, Any]], str] | None:
-    """(log rows, where they came from): the checkpoint's training state if it has one, else
-    `run_dir`/log.csv (every iteration), else `run_dir`/curve.json (evaluations only); None if
-    there is no log."""
+    """(log rows, where they came from), from the first of: the checkpoint's training state;
+    `<checkpoint stem>.log.csv` beside it (a log shipped with the model); `run_dir`/log.csv
+    (every iteration); `run_dir`/curve.json (evaluations only). None if there is none."""
+    checkpoint = Path(checkpoint)
     log = read_checkpoint(checkpoint).get("training", {}).get("log")
     if log:
         return log, f"{checkpoint} (training state)"
-    if run_dir is None:
-        return None
-    csv_path, json_path = Path(run_dir) / "log.csv", Path(run_dir) / "curve.json"
-    if csv_path.is_file():
-        with open(csv_path, newline="") as f:
-            rows = [{k: float(v) for k, v in row.items() if v not in ("", None)}
-                    for row in csv.DictReader(f)]
-        if rows:
-            return rows, str(csv_path)
-    if json_path.is_file():
-        rows = json.loads(json_path.read_text())
-        if rows:
-            return rows, str(json_path)
+    candidates = [checkpoint.with_name(checkpoint.stem + ".log.csv")]
+    if run_dir is not None:
+        candidates += [Path(run_dir) / "log.csv", Path(run_dir) / "curve.json"]
+    for path in candidates:
+        if path.is_file():
+            rows = _read_log_csv(path) if path.suffix == ".csv" else json.loads(path.read_text())
+            if rows:
+                return rows, str(path)
     return None
 
 
@@ -129,8 +133,9 @@ def run(args: argparse.Namespace) -> int:
     run_dir = args.run or model.checkpoint_info["provenance"].get("train_config", {}).get("out_dir")
     log = read_training_log(path, run_dir)
     if log is None:
-        print(f"no training log in {path} or in run folder {run_dir!r} (log.csv / curve.json): "
-              "skipping training_curve.png")
+        print(f"no training log in {path}, beside it ({path.stem}.log.csv) or in run folder "
+              f"{run_dir!r} (log.csv, curve.json): skipping training_curve.png")
+        (out / "training_curve.png").unlink(missing_ok=True)             # no stale curve
     else:
         fig = plots.plot_training_curve(log[0])
         fig.suptitle(f"training log: {log[1]}", fontsize=9)
