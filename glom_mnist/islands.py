@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .model import Glom
+
 # half of the model's 8 torus neighbours as (dy, dx); the other half are their opposites
 HALF_NEIGHBOURS = ((0, 1), (1, -1), (1, 0), (1, 1))
 
@@ -238,7 +240,7 @@ def agreement(states: torch.Tensor, labels: torch.Tensor, num_classes: int) -> d
 # ---- a whole test set ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def rollout_statistics(model: Any, images: torch.Tensor, labels: torch.Tensor, *,
+def rollout_statistics(model: Glom, images: torch.Tensor, labels: torch.Tensor, *,
                        masks: torch.Tensor | None = None, tau: float = 0.9,
                        with_islands: bool = True, batch_size: int = 32,
                        steps: int | None = None, progress: bool = False) -> dict[str, Any]:
