@@ -11,8 +11,9 @@ Two neighbourhoods, on purpose:
 - `neighbour_cosine` uses the model's own neighbourhood, the 8 neighbours on a torus, so it
   measures agreement with exactly the columns each column reads;
 - `islands` uses the plain image grid with 4-neighbour edges and no wrap-around, so that an
-  island is a region one can outline on the digit (on a torus the background at the left and
-  right borders would be one island, and a diagonal touch would merge two strokes).
+  island is a region one can outline on the digit: on a torus the background at the left and
+  right borders would be one island, and with 8 neighbours two strokes that touch at a corner
+  would merge.
 
 The digit mask (`digit_mask`): a column is on the digit when its pixel is brighter than half the
 way from the image's darkest to its brightest pixel; for raw MNIST that is intensity > 0.5 x max.
