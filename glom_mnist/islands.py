@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .model import Glom
+from .model import Glom, column_votes, majority_vote, vote_counts  # the one voting rule
 
 # half of the model's 8 torus neighbours as (dy, dx); the other half are their opposites
 HALF_NEIGHBOURS = ((0, 1), (1, -1), (1, 0), (1, 1))
@@ -192,23 +192,6 @@ def island_stats(states: torch.Tensor, tau: float = 0.9,
 
 
 # ---- the top level's vote ---------------------------------------------------------------------
-
-def column_votes(levels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Each column's class: argmax of the first num_classes channels of its top-level vector
-    (the model's rule, `Glom.votes`). `(..., L, D, H, W)` -> `(..., H, W)`."""
-    return levels[..., -1, :num_classes, :, :].argmax(dim=-3)
-
-
-def vote_counts(votes: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Columns voting for each class. `(..., H, W)` -> `(..., num_classes)`."""
-    return F.one_hot(votes.flatten(-2), num_classes).sum(-2)
-
-
-def majority_vote(votes: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The image's label: the most common column vote, ties to the lowest class (`Glom.majority`).
-    `(..., H, W)` -> `(...,)`."""
-    return vote_counts(votes, num_classes).argmax(-1)
-
 
 def vote_share(votes: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Confidence: the share of columns that vote for the majority label. `(..., H, W)` -> `(...,)`."""

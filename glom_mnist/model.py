@@ -57,6 +57,23 @@ def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep * (1.0 / (1.0 - p))
 
 
+def column_votes(levels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Each column's class: argmax of the first num_classes channels of its top-level vector.
+    `(..., L, D, H, W)` -> `(..., H, W)`."""
+    return levels[..., -1, :num_classes, :, :].argmax(dim=-3)
+
+
+def vote_counts(votes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Columns voting for each class. `(..., H, W)` -> `(..., num_classes)`."""
+    return F.one_hot(votes.flatten(-2), num_classes).sum(-2)
+
+
+def majority_vote(votes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The image's label: the most common column vote, ties to the lowest class (the seed's
+    rule). `(..., H, W)` -> `(...,)`."""
+    return vote_counts(votes, num_classes).argmax(-1)
+
+
 class Glom(nn.Module):
     """The GLOM state grid. `model(images)` -> levels `(B, L, D, H, W)`."""
 
@@ -200,13 +217,12 @@ class Glom(nn.Module):
 
     # ---- reading the top level ------------------------------------------------------------
     def votes(self, levels: torch.Tensor) -> torch.Tensor:
-        """Each column's class: argmax of its top-level vector. `(..., L, D, H, W)` -> `(..., H, W)`."""
-        return levels[..., -1, : self.cfg.num_classes, :, :].argmax(dim=-3)
+        """Each column's class `(..., H, W)` from levels `(..., L, D, H, W)`."""
+        return column_votes(levels, self.cfg.num_classes)
 
     def majority(self, votes: torch.Tensor) -> torch.Tensor:
-        """The image's label: the most common column vote (ties -> lowest class). `(B,H,W)->(B,)`."""
-        counts = F.one_hot(votes.flatten(1), self.cfg.num_classes).sum(1)   # (B, classes)
-        return counts.argmax(dim=1)
+        """The image's label by majority vote: `(B, H, W)` -> `(B,)`."""
+        return majority_vote(votes, self.cfg.num_classes)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, steps: int | None = None) -> torch.Tensor:

@@ -192,16 +192,16 @@ def test_agreement_per_step_on_a_constructed_top_level():
     assert single["all_columns_agree"].item() == 1.0
 
 
-def test_votes_and_majority_match_the_model():
-    cfg = GlomConfig(height=H, width=W, steps=2, levels=L, dim=D + 8)
-    model = Glom(cfg).eval()
-    levels = torch.randn(5, L, D + 8, H, W)
-    votes = column_votes(levels, cfg.num_classes)
-    assert torch.equal(votes, model.votes(levels))
+def test_votes_read_the_top_levels_class_channels_and_ties_go_to_the_lowest_class():
+    levels = torch.zeros(1, L, D + 8, H, W)
+    levels[0, -1, 3] = 1.0                         # class 3 everywhere ...
+    levels[0, -1, 11] = 5.0                        # ... a larger value outside the class channels
+    levels[0, 0, 7] = 9.0                          # and on another level: both ignored
+    assert column_votes(levels, 10).unique().tolist() == [3]
     tied = torch.zeros(2, H, W, dtype=torch.long)
-    tied[:, :, : W // 2] = 4                       # a tie between 0 and 4 goes to 0
-    for v in (votes, tied):
-        assert torch.equal(majority_vote(v, cfg.num_classes), model.majority(v))
+    tied[:, :, : W // 2] = 4                       # half vote 4, half 0: the tie goes to 0
+    tied[1, 0, -1] = 4                             # one more vote for 4 breaks it
+    assert majority_vote(tied, 10).tolist() == [0, 4]
 
 
 def test_rollout_statistics_equal_the_batch_functions():
