@@ -94,13 +94,12 @@ class Glom(nn.Module):
         source = torch.tensor([src for _, src, _ in self.routes], dtype=torch.long)
         self.register_buffer("route_source", F.one_hot(source, L).float(), persistent=False)  # (R, L)
         # delta at level l = sum of the outputs of the networks whose target is l
-        route_to_level = torch.zeros(R, L)
-        route_to_level[torch.arange(R), torch.tensor([t for *_, t in self.routes], dtype=torch.long)] = 1
-        self.register_buffer("route_to_level", route_to_level, persistent=False)
+        target = torch.tensor([t for *_, t in self.routes], dtype=torch.long)
+        self.register_buffer("route_target", target, persistent=False)           # (R,)
         # the consensus attention reaches every level but the input one
         attended = torch.ones(L).index_fill(0, torch.tensor([0]), 0.0) * float(cfg.attention)
         self.register_buffer("attended_levels", attended.view(1, L, 1, 1, 1), persistent=False)
-        receives = route_to_level.sum(0) + attended
+        receives = torch.bincount(target, minlength=L).float() + attended          # messages per level
         self.register_buffer("messages_per_level", receives.view(1, L, 1, 1, 1), persistent=False)
         # Kilcher's similarity: level l sees lambda**(m-l) <e_m,x, e_m,y> for every m >= l
         m, l = torch.meshgrid(torch.arange(L), torch.arange(L), indexing="ij")
@@ -126,7 +125,7 @@ class Glom(nn.Module):
         V = torch.tanh(F.conv2d(_dropout(K, p, train), self.C.reshape(R * D, D, 1, 1),
                                 self.c.reshape(-1), groups=R)) + Q + K
         V = V.reshape(B, R, D, H, W) * self.cfg.out_scale                   # (B, R, D, H, W)
-        return torch.einsum("brdhw,rl->bldhw", V, self.route_to_level)
+        return levels.new_zeros(B, L, D, H, W).index_add_(1, self.route_target, V)
 
     def attention(self, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Consensus-attention weights over the k x k torus neighbourhood, and the neighbours.
