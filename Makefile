@@ -23,11 +23,16 @@ fashion-mnist: setup
 	$(PY) -m glom_mnist data fashion-mnist --root $(DATA)
 
 evaluate: data             ## evaluate the shipped checkpoint on the test set and write imgs/
-	$(PY) -m glom_mnist evaluate --checkpoint $(CHECKPOINT) --root $(DATA) --json runs/evaluate/glom_seed.json
-	$(PY) -m glom_mnist figures --root $(DATA)
+	@if [ ! -f $(CHECKPOINT) ]; then \
+	  echo "No trained model at $(CHECKPOINT): nothing to evaluate. Train one with 'make train'."; \
+	else \
+	  $(PY) -m glom_mnist evaluate --checkpoint $(CHECKPOINT) --root $(DATA) \
+	    --json runs/evaluate/$(notdir $(basename $(CHECKPOINT))).json && \
+	  $(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(CHECKPOINT); \
+	fi
 
 figures: data
-	$(PY) -m glom_mnist figures --root $(DATA)
+	$(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(CHECKPOINT)
 
 test: data                 ## the whole test suite, notebooks (smoke mode) included
 	GLOM_SMOKE=1 MPLBACKEND=Agg $(PY) -m pytest -q
@@ -38,8 +43,8 @@ test-all: data             ## also the slow tests
 train: data                ## train the seed preset (see README for the shipped recipe)
 	$(PY) -m glom_mnist train --root $(DATA)
 
-bench: setup               ## fast model vs the naive oracle, side by side
-	$(PY) benchmarks/bench_model.py
+bench: setup               ## fast model vs the naive oracle, side by side (a few minutes)
+	$(PY) benchmarks/bench_model.py --json runs/bench/cpu.json
 
 notebook: data
 	$(VENV)/bin/jupyter notebook notebooks/
