@@ -9,7 +9,9 @@ import torch
 
 from glom_mnist import load_checkpoint
 from glom_mnist.checkpoint import read_checkpoint
-from glom_mnist.train import TrainConfig, Trainer, batch_indices, parse_overrides
+from glom_mnist import Glom, GlomConfig
+from glom_mnist.train import (TrainConfig, Trainer, batch_indices, parse_overrides,
+                               top_level_loss)
 
 TINY = {"height": 8, "width": 8, "steps": 3}
 
@@ -88,14 +90,31 @@ def test_log_curve_and_checkpoint_are_written(tmp_path):
         assert torch.equal(v, trainer.model.state_dict()[k])
 
 
-def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path):
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_both_losses_learn_a_fixed_batch(tmp_path, loss):
     images, labels, *_ = synthetic(4)
-    cfg = tiny_cfg(tmp_path, "a", iterations=40, eval_every=40, checkpoint_every=40, lr=0.05,
-                   model_overrides={**TINY, "steps": 8, "dropout": 0.0, "noise": 0.0})
+    cfg = tiny_cfg(tmp_path, loss, iterations=40, eval_every=40, checkpoint_every=40, lr=0.05,
+                   loss=loss, model_overrides={**TINY, "steps": 8, "dropout": 0.0, "noise": 0.0})
     trainer = Trainer(cfg, images, labels, images, labels)
     trainer.fit(progress=False)
     losses = [r["loss"] for r in trainer.log]
-    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert sum(losses[-5:]) / 5 < 0.8 * losses[0]
+
+
+def test_losses_match_their_definitions_column_by_column():
+    model = Glom(GlomConfig.preset("seed", height=3, width=2))
+    levels = torch.randn(2, 4, 10, 3, 2)
+    labels = torch.tensor([3, 7])
+    top = levels[:, -1]                                                  # (B, 10, H, W)
+    ce = mse = 0.0
+    for b in range(2):
+        for y in range(3):
+            for x in range(2):
+                logits = top[b, :, y, x]
+                ce += -torch.log_softmax(logits, 0)[labels[b]]
+                mse += ((logits - torch.nn.functional.one_hot(labels[b], 10)) ** 2).mean()
+    torch.testing.assert_close(top_level_loss(model, levels, labels, "cross_entropy"), ce / 12)
+    torch.testing.assert_close(top_level_loss(model, levels, labels), mse / 12)
 
 
 def test_batches_cover_each_epoch_once_and_depend_on_the_seed():
@@ -108,6 +127,8 @@ def test_batches_cover_each_epoch_once_and_depend_on_the_seed():
 def test_bad_settings_are_refused_clearly():
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        TrainConfig(loss="hinge")
     with pytest.raises(ValueError, match="unknown preset"):
         TrainConfig(preset="huge")
     with pytest.raises(ValueError, match="FIELD=VALUE"):
