@@ -58,6 +58,8 @@ class TrainConfig:
     max_minutes: float | None = None  # stop (resumably) after this much wall time
     out_dir: str = "runs/seed"
     amp: bool = False                 # bfloat16 autocast on CUDA
+    init: str | None = None           # start from this checkpoint's weights (fine-tuning):
+                                      # its model config, a fresh optimiser, iteration 0
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -127,8 +129,21 @@ class Trainer:
             self._resume(resume)
         else:
             torch.manual_seed(cfg.seed)
-            self.model = Glom(cfg.model_config()).to(self.device)
+            self.model = (self._initial_weights(cfg.init) if cfg.init
+                          else Glom(cfg.model_config())).to(self.device)
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+
+    def _initial_weights(self, path: str | Path) -> Glom:
+        """The model of checkpoint `path`, which must have this run's model config."""
+        model = model_from_checkpoint(read_checkpoint(path), path)
+        want, have = self.cfg.model_config().to_dict(), model.cfg.to_dict()
+        differ = {k: (want[k], have[k]) for k in want if want[k] != have[k]}
+        if differ:
+            raise ValueError(f"--init {path}: its model config differs from this run's in "
+                             + ", ".join(f"{k} (run {a!r}, checkpoint {b!r})"
+                                         for k, (a, b) in differ.items())
+                             + "; pass the same --preset and --set values")
+        return model
 
     def _resume(self, path: str | Path) -> None:
         obj = read_checkpoint(path)

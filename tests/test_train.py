@@ -135,3 +135,18 @@ def test_bad_settings_are_refused_clearly():
         parse_overrides(["dropuot=0"])
     assert parse_overrides(["dropout=0", "accumulate=2,4", "attention=true"]) == {
         "dropout": 0.0, "accumulate": (2, 4), "attention": True}
+
+
+def test_init_starts_from_a_checkpoints_weights_with_a_fresh_optimiser(tmp_path):
+    images, labels, *_ = synthetic(8)
+    first = Trainer(tiny_cfg(tmp_path, "first"), images, labels, images, labels)
+    first.fit(progress=False)
+    first.save(tmp_path / "first.pt", training=False)
+    second = Trainer(tiny_cfg(tmp_path, "second", init=str(tmp_path / "first.pt"), loss="cross_entropy"),
+                     images, labels, images, labels)
+    assert second.iteration == 0 and not second.optimizer.state
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(v, second.model.state_dict()[k])
+    with pytest.raises(ValueError, match="steps .run 4, checkpoint 3."):
+        Trainer(tiny_cfg(tmp_path, "third", init=str(tmp_path / "first.pt"),
+                         model_overrides={**TINY, "steps": 4}), images, labels, images, labels)
