@@ -30,9 +30,16 @@ MASK_RULE = "digit columns: pixel brighter than half way from the image's darkes
 
 
 def _read_log_csv(path: Path) -> list[dict[str, Any]]:
-    """Rows of a `Trainer.write_log` CSV, numbers as floats, empty cells left out."""
+    """Rows of a `write_log_csv` CSV, numbers as floats (text such as `loss_kind` as is), empty
+    cells left out."""
+    def value(text: str) -> Any:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)}
+        return [{k: value(v) for k, v in row.items() if v not in ("", None)}
                 for row in csv.DictReader(f)]
 
 

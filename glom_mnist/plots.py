@@ -285,7 +285,20 @@ def plot_training_curve(log: Sequence[Mapping[str, Any]],
     if train:
         iters = np.array([r["iteration"] for r in train])
         minutes = np.array([r["wall"] for r in train]) / 60
-        loss_ax.plot(iters, _smooth(np.array([r["loss"] for r in train], float), window))
+        losses = np.array([r["loss"] for r in train], float)
+        stages = np.array([r.get("stage", 1) for r in train])
+        for stage in np.unique(stages):                  # a run fine-tuned from another: one
+            part = stages == stage                       # line per run, each with its own loss
+            kind = next((r["loss_kind"] for r, p in zip(train, part) if p and "loss_kind" in r), "")
+            loss_ax.plot(iters[part], _smooth(losses[part], window),
+                         label=f"stage {int(stage)}: {kind}" if len(np.unique(stages)) > 1 else None)
+            if stage != stages[0]:
+                start = np.argmax(part)
+                for ax, x in ((iter_ax, iters), (wall_ax, minutes)):
+                    ax.axvline(x[start], color="0.4", ls="--", lw=0.8)
+        if len(np.unique(stages)) > 1:
+            loss_ax.set_yscale("log")
+            loss_ax.legend(fontsize=7)
         accuracy = _smooth(np.array([r["train_accuracy"] for r in train], float), window)
         for ax, x in ((iter_ax, iters), (wall_ax, minutes)):
             ax.plot(x, accuracy, color="0.6", label=f"training batch (mean of {window})")
@@ -294,7 +307,8 @@ def plot_training_curve(log: Sequence[Mapping[str, Any]],
             values = [r[key] for r in held_out]
             iter_ax.plot([r["iteration"] for r in held_out], values, "o-", ms=3, label=f"held-out {name}")
             wall_ax.plot([r["wall"] / 60 for r in held_out], values, "o-", ms=3)
-    loss_ax.set(xlabel="iteration", ylabel="MSE loss", title="loss")
+    kinds = {r.get("loss_kind", "mse") for r in train} or {"mse"}
+    loss_ax.set(xlabel="iteration", ylabel=" / ".join(sorted(kinds)) + " loss", title="loss")
     iter_ax.set(xlabel="iteration", ylabel="accuracy", ylim=(0, 1), title="accuracy vs iterations")
     wall_ax.set(xlabel="training minutes (evaluation excluded)", ylabel="accuracy", ylim=(0, 1),
                 title="accuracy vs wall time")

@@ -251,16 +251,51 @@ class Trainer:
 
     def write_log(self, out: Path) -> None:
         """The learning curve as CSV (every iteration) and JSON (the evaluated rows)."""
-        keys = ["iteration", "wall", "loss", "train_accuracy", "majority_vote_accuracy",
-                "per_column_accuracy", "all_columns_agree"]
-        tmp = out / "log.csv.tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.log)
-        tmp.replace(out / "log.csv")
+        write_log_csv(self.log, out / "log.csv")
         evaluated = [r for r in self.log if "majority_vote_accuracy" in r]
         (out / "curve.json").write_text(json.dumps(evaluated, indent=1) + "\n")
+
+
+LOG_KEYS = ["iteration", "wall", "loss", "train_accuracy", "majority_vote_accuracy",
+            "per_column_accuracy", "all_columns_agree"]
+
+
+def write_log_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Log rows as CSV, atomically; `stage` and `loss_kind` columns when the rows have them."""
+    path = Path(path)
+    keys = LOG_KEYS + [k for k in ("stage", "loss_kind") if rows and k in rows[0]]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def lineage_log(checkpoint: str | Path) -> list[dict[str, Any]]:
+    """The whole training history of a training checkpoint (a run's last.pt): the log of the run
+    it was initialised from (`--init`, followed back as far as those checkpoints exist), then its
+    own, with iterations and wall time continuing across runs. Each row gets `stage` (1 for the
+    first run) and `loss_kind` (that run's loss)."""
+    chain, path = [], Path(checkpoint)
+    while True:
+        training = read_checkpoint(path).get("training")
+        if not training:
+            raise ValueError(f"{path} has no training state: pass a run's last.pt")
+        chain.append(training)
+        parent = training.get("train_config", {}).get("init")
+        if not parent or not Path(parent).is_file() or "training" not in read_checkpoint(parent):
+            break
+        path = Path(parent)
+    rows: list[dict[str, Any]] = []
+    iteration = wall = 0.0
+    for stage, training in enumerate(reversed(chain), start=1):
+        kind = training.get("train_config", {}).get("loss", "mse")
+        for row in training["log"]:
+            rows.append({**row, "iteration": row["iteration"] + iteration,
+                         "wall": row["wall"] + wall, "stage": stage, "loss_kind": kind})
+        iteration, wall = iteration + training["iteration"], wall + training["wall"]
+    return rows
 
 
 def load_training_data(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
@@ -341,5 +376,7 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=1))
     if summary["finished"] and args.save:
         trainer.save(args.save, metrics=summary, training=False)
-        print(f"wrote {args.save}")
+        history = Path(args.save).with_suffix(".log.csv")               # read by `figures`
+        write_log_csv(lineage_log(Path(cfg.out_dir) / "last.pt"), history)
+        print(f"wrote {args.save} and its training history {history}")
     return 0

@@ -150,3 +150,29 @@ def test_init_starts_from_a_checkpoints_weights_with_a_fresh_optimiser(tmp_path)
     with pytest.raises(ValueError, match="steps .run 4, checkpoint 3."):
         Trainer(tiny_cfg(tmp_path, "third", init=str(tmp_path / "first.pt"),
                          model_overrides={**TINY, "steps": 4}), images, labels, images, labels)
+
+
+def test_lineage_log_chains_a_fine_tuned_run_after_its_parent(tmp_path):
+    from glom_mnist import plots
+    from glom_mnist.figures import _read_log_csv
+    from glom_mnist.train import lineage_log, write_log_csv
+
+    images, labels, *_ = synthetic(8)
+    Trainer(tiny_cfg(tmp_path, "first"), images, labels, images, labels).fit(progress=False)
+    second = Trainer(tiny_cfg(tmp_path, "second", iterations=4, loss="cross_entropy",
+                              init=str(tmp_path / "first" / "last.pt")),
+                     images, labels, images, labels)
+    second.fit(progress=False)
+    rows = lineage_log(tmp_path / "second" / "last.pt")
+    assert [r["iteration"] for r in rows] == list(range(1, 11))
+    assert [(r["stage"], r["loss_kind"]) for r in rows] == [(1, "mse")] * 6 + [(2, "cross_entropy")] * 4
+    walls = [r["wall"] for r in rows]
+    assert walls == sorted(walls)
+    write_log_csv(rows, tmp_path / "history.log.csv")
+    back = _read_log_csv(tmp_path / "history.log.csv")
+    assert back[-1]["loss_kind"] == "cross_entropy" and back[-1]["iteration"] == 10.0
+    fig = plots.plot_training_curve(back)
+    assert len(fig.axes[0].get_lines()) == 2                 # one loss line per stage
+    with pytest.raises(ValueError, match="no training state"):
+        second.save(tmp_path / "model.pt", training=False)
+        lineage_log(tmp_path / "model.pt")
