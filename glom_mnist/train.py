@@ -150,6 +150,10 @@ class Trainer:
         if "training" not in obj:
             raise ValueError(f"{path} has no training state (a shipped model?); cannot resume")
         state = obj["training"]
+        saved_loss = state.get("train_config", {}).get("loss", "mse")
+        if saved_loss != self.cfg.loss:
+            raise ValueError(f"{path} was trained with --loss {saved_loss}; resume it with "
+                             f"--loss {saved_loss} (this run asks for {self.cfg.loss})")
         self.model = model_from_checkpoint(obj, path).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
         self.optimizer.load_state_dict(state["optimizer"])

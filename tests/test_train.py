@@ -176,3 +176,12 @@ def test_lineage_log_chains_a_fine_tuned_run_after_its_parent(tmp_path):
     with pytest.raises(ValueError, match="no training state"):
         second.save(tmp_path / "model.pt", training=False)
         lineage_log(tmp_path / "model.pt")
+
+
+def test_resuming_with_another_loss_is_refused(tmp_path):
+    images, labels, *_ = synthetic(8)
+    Trainer(tiny_cfg(tmp_path, "a", iterations=2, loss="cross_entropy"),
+            images, labels, images, labels).fit(progress=False)
+    with pytest.raises(ValueError, match="resume it with --loss cross_entropy"):
+        Trainer(tiny_cfg(tmp_path, "a"), images, labels, images, labels,
+                resume=tmp_path / "a" / "last.pt")
