@@ -287,16 +287,17 @@ def plot_training_curve(log: Sequence[Mapping[str, Any]],
         minutes = np.array([r["wall"] for r in train]) / 60
         losses = np.array([r["loss"] for r in train], float)
         stages = np.array([r.get("stage", 1) for r in train])
-        for stage in np.unique(stages):                  # a run fine-tuned from another: one
-            part = stages == stage                       # line per run, each with its own loss
-            kind = next((r["loss_kind"] for r, p in zip(train, part) if p and "loss_kind" in r), "")
+        several = len(np.unique(stages)) > 1           # a run fine-tuned from another: one loss
+        for stage in np.unique(stages):                # line per run, each with its own loss
+            part = stages == stage
+            start = np.argmax(part)
             loss_ax.plot(iters[part], _smooth(losses[part], window),
-                         label=f"stage {int(stage)}: {kind}" if len(np.unique(stages)) > 1 else None)
-            if stage != stages[0]:
-                start = np.argmax(part)
+                         label=f"stage {int(stage)}: {train[start].get('loss_kind', '')}"
+                         if several else None)
+            if start > 0:
                 for ax, x in ((iter_ax, iters), (wall_ax, minutes)):
                     ax.axvline(x[start], color="0.4", ls="--", lw=0.8)
-        if len(np.unique(stages)) > 1:
+        if several:
             loss_ax.set_yscale("log")
             loss_ax.legend(fontsize=7)
         accuracy = _smooth(np.array([r["train_accuracy"] for r in train], float), window)
