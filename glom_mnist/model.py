@@ -127,27 +127,32 @@ class Glom(nn.Module):
         V = V.reshape(B, R, D, H, W) * self.cfg.out_scale                   # (B, R, D, H, W)
         return levels.new_zeros(B, L, D, H, W).index_add_(1, self.route_target, V)
 
-    def attention(self, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def neighbours(self, levels: torch.Tensor) -> list[torch.Tensor]:
+        """The k*k torus neighbours of every column, each `(B, L, D, H, W)`, in row-major order
+        of their offsets (dy, dx) = (-1, -1), (-1, 0), ..., (1, 1) for k = 3."""
+        r = self.cfg.kernel // 2
+        return [levels.roll((-dy, -dx), dims=(-2, -1))
+                for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+
+    def attention(self, levels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Consensus-attention weights over the k x k torus neighbourhood, and the neighbours.
 
         Weight of neighbour y for column x at level l: softmax over y of
         sum_{m >= l} lambda**(m-l) <e_{m,x}, e_{m,y}> / sqrt(D) (Kilcher's similarity: columns
         that agree at higher levels listen to each other more).
-        Returns weights `(B, L, N, H, W)` (N = k*k, summing to 1 over N) and
-        neighbours `(B, L, D, N, H, W)`.
+        Returns weights `(B, L, N, H, W)` (N = k*k, summing to 1 over N) and the N neighbours
+        of `neighbours()`. (One rolled copy per offset: ~3x faster to train through on a CPU
+        than unfolding the state into a `(B, L, D, N, H, W)` tensor and contracting it.)
         """
-        B, L, D, H, W = levels.shape
-        k = self.cfg.kernel
-        padded = F.pad(levels.reshape(B, L * D, H, W), (k // 2,) * 4, mode="circular")
-        neighbours = F.unfold(padded, k).reshape(B, L, D, k * k, H, W)       # (B, L, D, N, H, W)
-        similarity = torch.einsum("bldhw,bldnhw->blnhw", levels, neighbours) / math.sqrt(D)
-        scores = torch.einsum("bmnhw,ml->blnhw", similarity, self.level_mix)  # (B, L, N, H, W)
-        return scores.softmax(dim=2), neighbours
+        neighbours = self.neighbours(levels)
+        similarity = torch.stack([(levels * n).sum(2) for n in neighbours], 2)  # (B, L, N, H, W)
+        scores = torch.einsum("bmnhw,ml->blnhw", similarity, self.level_mix)
+        return (scores / math.sqrt(levels.shape[2])).softmax(dim=2), neighbours
 
     def consensus(self, levels: torch.Tensor) -> torch.Tensor:
         """The attention-weighted average of each level over its neighbourhood `(B, L, D, H, W)`."""
         weights, neighbours = self.attention(levels)
-        return torch.einsum("blnhw,bldnhw->bldhw", weights, neighbours)
+        return sum(weights[:, :, n, None] * v for n, v in enumerate(neighbours))
 
     def update(self, levels: torch.Tensor) -> torch.Tensor:
         """One GLOM step: previous state + bottom-up + top-down + lateral/attention messages."""

@@ -167,3 +167,25 @@ def test_config_presets_and_errors():
     with pytest.raises(ValueError, match="unknown field"):
         GlomConfig.from_dict({"levles": 3})
     assert GlomConfig.from_dict(seed.to_dict()) == seed
+
+
+def test_attention_equals_its_formula_written_column_by_column():
+    """softmax_y(sum_{m>=l} lambda**(m-l) <e_m,x, e_m,y> / sqrt(D)) over the torus, plainly."""
+    model = attention_model()
+    torch.manual_seed(1)
+    levels = torch.randn(1, 3, 4, 5, 5)
+    weights, _ = model.attention(levels)
+    consensus = model.consensus(levels)
+    lam, D = model.cfg.attention_lambda, 4
+    for l in range(3):
+        for y in range(5):
+            for x in range(5):
+                offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+                cols = [((y + dy) % 5, (x + dx) % 5) for dy, dx in offsets]
+                scores = torch.stack([
+                    sum(lam ** (m - l) * torch.dot(levels[0, m, :, y, x], levels[0, m, :, v, u])
+                        for m in range(l, 3)) / D ** 0.5 for v, u in cols])
+                w = scores.softmax(0)
+                assert torch.allclose(weights[0, l, :, y, x], w, atol=1e-6)
+                mean = sum(w[n] * levels[0, l, :, v, u] for n, (v, u) in enumerate(cols))
+                assert torch.allclose(consensus[0, l, :, y, x], mean, atol=1e-6)
