@@ -12,6 +12,7 @@ COMMANDS = {
     "data": ("glom_mnist.data", "download or rebuild MNIST / Fashion-MNIST and verify its MD5s"),
     "import-seed": ("glom_mnist.seed", "convert the seed's published best_models/ to our checkpoint"),
     "train": ("glom_mnist.train", "train a GLOM state grid (resumable)"),
+    "export": ("glom_mnist.export", "ship a run's checkpoint (finished or not) as a model file"),
     "evaluate": ("glom_mnist.evaluate", "metrics of a checkpoint on the test set"),
     "figures": ("glom_mnist.figures", "regenerate imgs/ from the shipped checkpoints"),
 }

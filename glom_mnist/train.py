@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,8 @@ class TrainConfig:
     out_dir: str = "runs/seed"
     amp: bool = False                 # bfloat16 autocast on CUDA
     init: str | None = None           # start from this checkpoint's weights (fine-tuning):
-                                      # its model config, a fresh optimiser, iteration 0
+                                      # this run's model config (which may switch on what owns
+                                      # no weights), a fresh optimiser, iteration 0
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -134,15 +136,27 @@ class Trainer:
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
 
     def _initial_weights(self, path: str | Path) -> Glom:
-        """The model of checkpoint `path`, which must have this run's model config."""
-        model = model_from_checkpoint(read_checkpoint(path), path)
-        want, have = self.cfg.model_config().to_dict(), model.cfg.to_dict()
-        differ = {k: (want[k], have[k]) for k in want if want[k] != have[k]}
+        """This run's model (--preset/--set) with the weights of checkpoint `path`.
+
+        The two configs may differ in fields that own no weights (attention, clamp_input,
+        dropout, steps, ...): fine-tuning the seed architecture with the consensus attention
+        switched on is one such run. A change that alters the weights' shapes is refused.
+        """
+        source = model_from_checkpoint(read_checkpoint(path), path)
+        model = Glom(self.cfg.model_config())
+        want, have = model.cfg.to_dict(), source.cfg.to_dict()
+        differ = ", ".join(f"{k} (run {want[k]!r}, checkpoint {have[k]!r})"
+                           for k in want if want[k] != have[k])
+        theirs = {k: tuple(v.shape) for k, v in source.state_dict().items()}
+        ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if theirs != ours:
+            raise ValueError(f"--init {path}: its weights do not fit this run's model, whose "
+                             f"config differs in {differ}; pass the checkpoint's --preset and "
+                             "--set values for those fields")
         if differ:
-            raise ValueError(f"--init {path}: its model config differs from this run's in "
-                             + ", ".join(f"{k} (run {a!r}, checkpoint {b!r})"
-                                         for k, (a, b) in differ.items())
-                             + "; pass the same --preset and --set values")
+            print(f"--init {path}: weights used as they are; this run's config differs in "
+                  f"{differ}", file=sys.stderr)
+        model.load_state_dict(source.state_dict())
         return model
 
     def _resume(self, path: str | Path) -> None:
@@ -379,8 +393,36 @@ def run(args: argparse.Namespace) -> int:
     summary = trainer.fit()
     print(json.dumps(summary, indent=1))
     if summary["finished"] and args.save:
-        trainer.save(args.save, metrics=summary, training=False)
-        history = Path(args.save).with_suffix(".log.csv")               # read by `figures`
-        write_log_csv(lineage_log(Path(cfg.out_dir) / "last.pt"), history)
+        history = export_run(Path(cfg.out_dir) / "last.pt", args.save, metrics=summary)
         print(f"wrote {args.save} and its training history {history}")
+    elif args.save:
+        print(f"stopped before the last iteration: {args.save} not written (resume with "
+              f"--resume {Path(cfg.out_dir) / 'last.pt'}, or ship it as it is with "
+              f"`python -m glom_mnist export`)")
     return 0
+
+
+def export_run(checkpoint: str | Path, out: str | Path,
+               metrics: dict[str, Any] | None = None) -> Path:
+    """Ship a run's checkpoint as a model file: weights, config, metrics and provenance, without
+    the optimiser and RNG state; and its whole history (`lineage_log`) as `<out>.log.csv`, which
+    `figures` reads. Metrics default to how far the run got and its last held-out evaluation.
+    Returns the history's path."""
+    obj = read_checkpoint(checkpoint)
+    if "training" not in obj:
+        raise ValueError(f"{checkpoint} has no training state: not a run's checkpoint "
+                         "(runs/NAME/last.pt is)")
+    state = obj["training"]
+    if metrics is None:
+        scheduled = state.get("train_config", {}).get("iterations")
+        evaluated = [r for r in state["log"] if "majority_vote_accuracy" in r]
+        metrics = {"iterations": state["iteration"], "scheduled_iterations": scheduled,
+                   "finished": scheduled is not None and state["iteration"] >= scheduled,
+                   "wall_seconds": state["wall"],
+                   **({f"held_out_{k}": evaluated[-1][k] for k in LOG_KEYS[4:] + ["iteration"]
+                       if k in evaluated[-1]} if evaluated else {})}
+    save_checkpoint(model_from_checkpoint(obj, checkpoint), out, metrics=metrics,
+                    provenance_info=obj.get("provenance"))
+    history = Path(out).with_suffix(".log.csv")
+    write_log_csv(lineage_log(checkpoint), history)
+    return history

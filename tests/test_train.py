@@ -147,9 +147,25 @@ def test_init_starts_from_a_checkpoints_weights_with_a_fresh_optimiser(tmp_path)
     assert second.iteration == 0 and not second.optimizer.state
     for k, v in first.model.state_dict().items():
         assert torch.equal(v, second.model.state_dict()[k])
-    with pytest.raises(ValueError, match="steps .run 4, checkpoint 3."):
+    with pytest.raises(ValueError, match=r"do not fit.*levels \(run 3, checkpoint 4\)"):
         Trainer(tiny_cfg(tmp_path, "third", init=str(tmp_path / "first.pt"),
-                         model_overrides={**TINY, "steps": 4}), images, labels, images, labels)
+                         model_overrides={**TINY, "levels": 3}), images, labels, images, labels)
+
+
+def test_init_may_switch_on_what_owns_no_weights(tmp_path, capsys):
+    """The seed architecture's weights fine-tuned with the consensus attention on."""
+    images, labels, *_ = synthetic(8)
+    first = Trainer(tiny_cfg(tmp_path, "first"), images, labels, images, labels)
+    first.save(tmp_path / "first.pt", training=False)
+    second = Trainer(tiny_cfg(tmp_path, "second", preset="consensus", init=str(tmp_path / "first.pt")),
+                     images, labels, images, labels)
+    assert second.model.cfg.attention and second.model.cfg.clamp_input
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(v, second.model.state_dict()[k])
+    note = capsys.readouterr().err
+    assert "attention (run True, checkpoint False)" in note and "clamp_input" in note
+    second.fit(progress=False)
+    assert read_checkpoint(tmp_path / "second" / "last.pt")["config"]["attention"] is True
 
 
 def test_lineage_log_chains_a_fine_tuned_run_after_its_parent(tmp_path):
@@ -185,3 +201,26 @@ def test_resuming_with_another_loss_is_refused(tmp_path):
     with pytest.raises(ValueError, match="resume it with --loss cross_entropy"):
         Trainer(tiny_cfg(tmp_path, "a"), images, labels, images, labels,
                 resume=tmp_path / "a" / "last.pt")
+
+
+def test_export_ships_an_unfinished_run_and_never_overwrites(tmp_path, capsys):
+    from glom_mnist.cli import main
+
+    images, labels, *_ = synthetic(8)
+    trainer = Trainer(tiny_cfg(tmp_path, "run", max_minutes=0.0), images, labels, images, labels)
+    assert trainer.fit(progress=False)["finished"] is False            # stopped after 1 of 6
+    last, out = tmp_path / "run" / "last.pt", tmp_path / "ship" / "model.pt"
+    assert main(["export", str(last), str(out)]) == 0
+    shipped = read_checkpoint(out)
+    assert "training" not in shipped
+    assert shipped["metrics"]["iterations"] == 1 and shipped["metrics"]["scheduled_iterations"] == 6
+    assert shipped["metrics"]["finished"] is False
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, load_checkpoint(out, device="cpu").state_dict()[k])
+    with open(out.with_suffix(".log.csv")) as f:
+        assert [float(r["iteration"]) for r in csv.DictReader(f)] == [1.0]
+    before = out.read_bytes()
+    assert main(["export", str(last), str(out)]) == 2                  # exists: refused
+    assert "pass --force" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["export", str(out), str(tmp_path / "again.pt")]) == 2  # not a run's checkpoint
+    assert "no training state" in capsys.readouterr().err
