@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:                  # Ctrl-C: what had to be saved was saved
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

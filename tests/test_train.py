@@ -224,3 +224,14 @@ def test_export_ships_an_unfinished_run_and_never_overwrites(tmp_path, capsys):
     assert "pass --force" in capsys.readouterr().err and out.read_bytes() == before
     assert main(["export", str(out), str(tmp_path / "again.pt")]) == 2  # not a run's checkpoint
     assert "no training state" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_a_command_with_a_line_not_a_traceback(monkeypatch, capsys):
+    import glom_mnist.export
+    from glom_mnist.cli import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(glom_mnist.export, "run", interrupted)
+    assert main(["export", "a.pt", "b.pt"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
