@@ -28,11 +28,15 @@ evaluate: data             ## evaluate the shipped checkpoint on the test set an
 	else \
 	  $(PY) -m glom_mnist evaluate --checkpoint $(CHECKPOINT) --root $(DATA) \
 	    --json runs/evaluate/$(notdir $(basename $(CHECKPOINT))).json && \
-	  $(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(CHECKPOINT); \
+	  $(MAKE) --no-print-directory figures; \
 	fi
 
-figures: data
+CONSENSUS := best_models/glom_consensus.pt
+figures: data              ## imgs/ from the shipped seed model, imgs/consensus/ from the consensus one
 	$(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(CHECKPOINT)
+	@if [ -f $(CONSENSUS) ]; then \
+	  $(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(CONSENSUS) --out imgs/consensus; \
+	fi
 
 test: data                 ## the whole test suite, notebooks (smoke mode) included
 	GLOM_SMOKE=1 MPLBACKEND=Agg $(PY) -m pytest -q
