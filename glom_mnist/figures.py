@@ -12,7 +12,6 @@ From the first --images test images (statistics) and the first --digits of them 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -25,22 +24,9 @@ from . import plots
 from .checkpoint import default_device, load_checkpoint, read_checkpoint
 from .islands import (column_votes, digit_mask, islands, majority_vote, part_whole_table,
                       rollout_statistics, vote_share)
+from .train import read_log_csv
 
 MASK_RULE = "digit columns: pixel brighter than half way from the image's darkest to its brightest"
-
-
-def _read_log_csv(path: Path) -> list[dict[str, Any]]:
-    """Rows of a `write_log_csv` CSV, numbers as floats (text such as `loss_kind` as is), empty
-    cells left out."""
-    def value(text: str) -> Any:
-        try:
-            return float(text)
-        except ValueError:
-            return text
-
-    with open(path, newline="") as f:
-        return [{k: value(v) for k, v in row.items() if v not in ("", None)}
-                for row in csv.DictReader(f)]
 
 
 def read_training_log(checkpoint: str | Path,
@@ -57,7 +43,7 @@ def read_training_log(checkpoint: str | Path,
         candidates += [Path(run_dir) / "log.csv", Path(run_dir) / "curve.json"]
     for path in candidates:
         if path.is_file():
-            rows = _read_log_csv(path) if path.suffix == ".csv" else json.loads(path.read_text())
+            rows = read_log_csv(path) if path.suffix == ".csv" else json.loads(path.read_text())
             if rows:
                 return rows, str(path)
     return None

@@ -290,24 +290,45 @@ def write_log_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
     tmp.replace(path)
 
 
+def read_log_csv(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a `write_log_csv` CSV, numbers as floats (text such as `loss_kind` as is), empty
+    cells left out."""
+    def value(text: str) -> Any:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    with open(path, newline="") as f:
+        return [{k: value(v) for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(f)]
+
+
 def lineage_log(checkpoint: str | Path) -> list[dict[str, Any]]:
     """The whole training history of a training checkpoint (a run's last.pt): the log of the run
-    it was initialised from (`--init`, followed back as far as those checkpoints exist), then its
-    own, with iterations and wall time continuing across runs. Each row gets `stage` (1 for the
+    it was initialised from (`--init`, followed back as far as those checkpoints exist; for a
+    shipped model, the `.log.csv` beside it), then its own, with iterations and wall time
+    continuing across runs. Each row gets `stage` (1 for the
     first run) and `loss_kind` (that run's loss)."""
-    chain, path = [], Path(checkpoint)
+    chain, path, shipped = [], Path(checkpoint), []
     while True:
         training = read_checkpoint(path).get("training")
         if not training:
             raise ValueError(f"{path} has no training state: pass a run's last.pt")
         chain.append(training)
         parent = training.get("train_config", {}).get("init")
-        if not parent or not Path(parent).is_file() or "training" not in read_checkpoint(parent):
+        if not parent or not Path(parent).is_file():
+            break
+        if "training" not in read_checkpoint(parent):       # a shipped model: its history is
+            history = Path(parent).with_suffix(".log.csv")    # the .log.csv written beside it
+            shipped = read_log_csv(history) if history.is_file() else []
             break
         path = Path(parent)
-    rows: list[dict[str, Any]] = []
-    iteration = wall = 0.0
-    for stage, training in enumerate(reversed(chain), start=1):
+    rows = [{"stage": 1, **row} for row in shipped]
+    iteration = max((r["iteration"] for r in rows), default=0.0)
+    wall = max((r["wall"] for r in rows), default=0.0)
+    first = int(max((r["stage"] for r in rows), default=0)) + 1
+    for stage, training in enumerate(reversed(chain), start=first):
         kind = training.get("train_config", {}).get("loss", "mse")
         for row in training["log"]:
             rows.append({**row, "iteration": row["iteration"] + iteration,

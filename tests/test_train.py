@@ -170,8 +170,7 @@ def test_init_may_switch_on_what_owns_no_weights(tmp_path, capsys):
 
 def test_lineage_log_chains_a_fine_tuned_run_after_its_parent(tmp_path):
     from glom_mnist import plots
-    from glom_mnist.figures import _read_log_csv
-    from glom_mnist.train import lineage_log, write_log_csv
+    from glom_mnist.train import export_run, lineage_log, read_log_csv, write_log_csv
 
     images, labels, *_ = synthetic(8)
     Trainer(tiny_cfg(tmp_path, "first"), images, labels, images, labels).fit(progress=False)
@@ -185,10 +184,19 @@ def test_lineage_log_chains_a_fine_tuned_run_after_its_parent(tmp_path):
     walls = [r["wall"] for r in rows]
     assert walls == sorted(walls)
     write_log_csv(rows, tmp_path / "history.log.csv")
-    back = _read_log_csv(tmp_path / "history.log.csv")
+    back = read_log_csv(tmp_path / "history.log.csv")
     assert back[-1]["loss_kind"] == "cross_entropy" and back[-1]["iteration"] == 10.0
     fig = plots.plot_training_curve(back)
     assert len(fig.axes[0].get_lines()) == 2                 # one loss line per stage
+
+    # a run initialised from a shipped model continues the history kept beside that model
+    export_run(tmp_path / "second" / "last.pt", tmp_path / "ship" / "model.pt")
+    Trainer(tiny_cfg(tmp_path, "third", iterations=2, init=str(tmp_path / "ship" / "model.pt")),
+            images, labels, images, labels).fit(progress=False)
+    rows = lineage_log(tmp_path / "third" / "last.pt")
+    assert [r["iteration"] for r in rows] == list(range(1, 13))
+    assert [r["stage"] for r in rows] == [1] * 6 + [2] * 4 + [3] * 2
+    assert rows[-1]["loss_kind"] == "mse" and rows[-3]["loss_kind"] == "cross_entropy"
     with pytest.raises(ValueError, match="no training state"):
         second.save(tmp_path / "model.pt", training=False)
         lineage_log(tmp_path / "model.pt")
