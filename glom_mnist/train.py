@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import (default_device, model_from_checkpoint, provenance,
+from .checkpoint import (default_device, git_commit, model_from_checkpoint, provenance,
                          read_checkpoint, save_checkpoint)
 from .config import GlomConfig, PRESETS
 from .evaluate import evaluate_model
@@ -126,6 +126,7 @@ class Trainer:
         self.eval_images, self.eval_labels = eval_images, eval_labels
         self.on_eval = on_eval
         self.iteration, self.wall = 0, 0.0
+        self.commit = git_commit()    # the code this process runs, not the tree at save time
         self.log: list[dict[str, Any]] = []
         if resume:
             self._resume(resume)
@@ -187,8 +188,9 @@ class Trainer:
         save_checkpoint(self.model, path, metrics=metrics,
                         training=self.training_state() if training else None,
                         provenance_info=provenance(
-                            iterations=self.iteration, wall_seconds=round(self.wall, 1),
-                            device=str(self.device), train_config=dataclasses.asdict(self.cfg)))
+                            git_commit=self.commit, iterations=self.iteration,
+                            wall_seconds=round(self.wall, 1), device=str(self.device),
+                            train_config=dataclasses.asdict(self.cfg)))
 
     def step(self) -> tuple[float, float]:
         """One training iteration; returns (loss, majority-vote accuracy on the batch)."""

@@ -243,3 +243,14 @@ def test_ctrl_c_ends_a_command_with_a_line_not_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(glom_mnist.export, "run", interrupted)
     assert main(["export", "a.pt", "b.pt"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_provenance_names_the_commit_the_run_started_with(tmp_path, monkeypatch):
+    import glom_mnist.train
+
+    images, labels, *_ = synthetic(8)
+    monkeypatch.setattr(glom_mnist.train, "git_commit", lambda: "started-here")
+    trainer = Trainer(tiny_cfg(tmp_path, "run", iterations=2), images, labels, images, labels)
+    monkeypatch.setattr(glom_mnist.train, "git_commit", lambda: "edited-since")
+    trainer.fit(progress=False)
+    assert read_checkpoint(tmp_path / "run" / "last.pt")["provenance"]["git_commit"] == "started-here"
