@@ -312,20 +312,17 @@ def lineage_log(checkpoint: str | Path) -> list[dict[str, Any]]:
     shipped model, the `.log.csv` beside it), then its own, with iterations and wall time
     continuing across runs. Each row gets `stage` (1 for the
     first run) and `loss_kind` (that run's loss)."""
-    chain, path, shipped = [], Path(checkpoint), []
-    while True:
-        training = read_checkpoint(path).get("training")
-        if not training:
-            raise ValueError(f"{path} has no training state: pass a run's last.pt")
-        chain.append(training)
-        parent = training.get("train_config", {}).get("init")
-        if not parent or not Path(parent).is_file():
-            break
-        if "training" not in read_checkpoint(parent):       # a shipped model: its history is
-            history = Path(parent).with_suffix(".log.csv")    # the .log.csv written beside it
+    training = read_checkpoint(checkpoint).get("training")
+    if not training:
+        raise ValueError(f"{checkpoint} has no training state: pass a run's last.pt")
+    chain, shipped = [training], []
+    while (parent := training.get("train_config", {}).get("init")) and Path(parent).is_file():
+        training = read_checkpoint(parent).get("training")  # each checkpoint is read once
+        if not training:                                     # a shipped model: its history is
+            history = Path(parent).with_suffix(".log.csv")   # the .log.csv written beside it
             shipped = read_log_csv(history) if history.is_file() else []
             break
-        path = Path(parent)
+        chain.append(training)
     rows = [{"stage": 1, **row} for row in shipped]
     iteration = max((r["iteration"] for r in rows), default=0.0)
     wall = max((r["wall"] for r in rows), default=0.0)
