@@ -9,9 +9,10 @@ and keeps its previous value. This file follows the public GLOM-on-MNIST experim
 the level and the levels above it (weights lambda**k).
 
 Speed: the seed concatenates 9 rolled copies of the state and runs 8 separate Linear(90->10)
-networks. Here all networks run at once: their first layer is one grouped 3x3 convolution with
-circular padding (a group per source level) (the same linear map; `seed_linear_to_conv` gives the weight layout and
-tests/test_model.py proves the equality), their 10x10 layers grouped 1x1 convolutions.
+networks. Here all networks run at once: their first layer is one 3x3 convolution with circular
+padding and a group per source level (the same linear map; `seed_linear_to_conv` gives the
+weight layout and tests/test_model.py proves the equality), their 10x10 layers grouped 1x1
+convolutions.
 Axes everywhere: B batch, L levels, D dim, H, W pixels, T steps, R networks ("routes").
 """
 from __future__ import annotations
@@ -55,6 +56,30 @@ def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     keep = torch.rand_like(x) >= p
     return x * keep * (1.0 / (1.0 - p))
+
+
+class _SigmoidTanh(torch.autograd.Function):
+    """tanh(x) computed as 2 * sigmoid(2x) - 1, with tanh's own backward.
+
+    The same function (to float rounding), but on the CPUs measured torch.tanh took several times
+    longer than these three passes (see README, "Speed and memory")."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = (x * 2.0).sigmoid_().mul_(2.0).sub_(1.0)  # one new tensor, the rest in place
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad, y)
+
+
+def _tanh(x: torch.Tensor) -> torch.Tensor:
+    """torch.tanh, through `_SigmoidTanh` on a CPU (on a GPU both are memory-bound, and one pass
+    beats three)."""
+    return _SigmoidTanh.apply(x) if x.device.type == "cpu" else torch.tanh(x)
 
 
 def column_votes(levels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -130,11 +155,11 @@ class Glom(nn.Module):
         x = _dropout(levels.reshape(B, L * D, H, W), p, train)
         x = F.pad(x, (k // 2,) * 4, mode="circular")
         Q = F.conv2d(x, A.reshape(L * S * D, D, k, k), a.reshape(-1), groups=L)  # (B, L*S*D, H, W)
-        Q = torch.tanh(Q.view(B, L * S, D, H, W).index_select(1, self.route_slot))
+        Q = _tanh(Q.view(B, L * S, D, H, W).index_select(1, self.route_slot))
         Q = Q.view(B, R * D, H, W)                                            # (B, R*D, H, W)
-        K = torch.tanh(F.conv2d(_dropout(Q, p, train), self.B.reshape(R * D, D, 1, 1),
+        K = _tanh(F.conv2d(_dropout(Q, p, train), self.B.reshape(R * D, D, 1, 1),
                                 self.b.reshape(-1), groups=R)) + Q
-        V = torch.tanh(F.conv2d(_dropout(K, p, train), self.C.reshape(R * D, D, 1, 1),
+        V = _tanh(F.conv2d(_dropout(K, p, train), self.C.reshape(R * D, D, 1, 1),
                                 self.c.reshape(-1), groups=R)) + Q + K
         V = V.reshape(B, R, D, H, W) * self.cfg.out_scale                   # (B, R, D, H, W)
         return levels.new_zeros(B, L, D, H, W).index_add_(1, self.route_target, V)
