@@ -126,12 +126,13 @@ def main() -> None:
                 print(f"round {r + 1}: {impl:6s} {mode:5s} {m['seconds']:8.3f} s  "
                       f"peak {m['peak_mb']:8.0f} MB", flush=True)
 
-    import torch  # only now: the children's peak memory is measured without it here
+    import torch  # for the summary only; each child measures its own time and memory
 
     summary: dict = {"batch": args.batch, "steps": args.steps, "device": args.device,
                      "machine": platform.processor() or platform.machine(),
                      "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                     "threads": torch.get_num_threads(), "torch": torch.__version__,
+                     "threads": torch.get_num_threads(),  # the children's too: same environment
+                     "torch": torch.__version__,
                      "repeats": args.repeats, "command": " ".join(sys.argv)}
     print(f"\nbatch {args.batch}, {args.steps} steps, {args.device}; median over "
           f"{args.repeats} alternating rounds")
