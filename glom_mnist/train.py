@@ -351,8 +351,11 @@ def load_training_data(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Every option defaults to None ("not given"): a new run then takes TrainConfig's default, a
+    # resumed one its own saved value (see config_from_args).
     defaults = TrainConfig()
-    parser.add_argument("--preset", default=defaults.preset, choices=sorted(PRESETS))
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help=f"model preset (default {defaults.preset})")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a model config field, e.g. --set dropout=0 --set steps=20")
     for f in dataclasses.fields(TrainConfig):
@@ -361,17 +364,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", default=default)
+            parser.add_argument(flag, action="store_true", default=None)
         elif f.name == "loss":
-            parser.add_argument(flag, choices=LOSSES, default=default)
+            parser.add_argument(flag, choices=LOSSES, default=None, help=f"(default {default})")
         else:
             kind = {"iterations": int, "batch_size": int, "seed": int, "limit_train": int,
                     "eval_every": int, "eval_images": int, "checkpoint_every": int,
                     "lr": float, "checkpoint_minutes": float, "max_minutes": float}.get(f.name, str)
-            parser.add_argument(flag, type=kind, default=default)
-    parser.add_argument("--resume", default=None, help="a runs/*/last.pt to continue from")
+            parser.add_argument(flag, type=kind, default=None, help=f"(default {default})")
+    parser.add_argument("--resume", default=None,
+                        help="a runs/*/last.pt to continue from, with that run's own settings "
+                             "for every option not given here")
     parser.add_argument("--save", default=None,
                         help="when finished, also write the model (no training state) here")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's TrainConfig: the options given on the command line; the others from the run
+    being resumed (`--resume`: its recipe goes on unchanged) or else TrainConfig's defaults."""
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "model_overrides"]
+    given: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.set:
+        given["model_overrides"] = parse_overrides(args.set)
+    saved: dict[str, Any] = {}
+    if args.resume:
+        state = read_checkpoint(args.resume).get("training") or {}
+        known = set(names) | {"model_overrides"}
+        saved = {k: v for k, v in (state.get("train_config") or {}).items() if k in known}
+    return TrainConfig(**{**saved, **given})
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -397,14 +417,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-              if f.name != "model_overrides"}
-    cfg = TrainConfig(**values, model_overrides=parse_overrides(args.set))
-    if args.resume:
-        saved = read_checkpoint(args.resume).get("training", {}).get("train_config")
-        if saved and not args.set:
-            cfg = dataclasses.replace(cfg, preset=saved["preset"],
-                                      model_overrides=saved["model_overrides"])
+    cfg = config_from_args(args)
     data = load_training_data(cfg)
     trainer = Trainer(cfg, *data, resume=args.resume,
                       on_eval=lambda row: tqdm.write(

@@ -211,6 +211,35 @@ def test_resuming_with_another_loss_is_refused(tmp_path):
                 resume=tmp_path / "a" / "last.pt")
 
 
+def _train_args(*argv: str):
+    from glom_mnist.cli import build_parser
+    return build_parser("train").parse_args(["train", *argv])
+
+
+def test_options_not_given_take_the_defaults_or_the_resumed_runs_own(tmp_path):
+    from glom_mnist.train import config_from_args
+
+    assert config_from_args(_train_args()) == TrainConfig()
+    assert config_from_args(_train_args("--lr", "0.003", "--set", "dropout=0")) == \
+        TrainConfig(lr=0.003, model_overrides={"dropout": 0.0})
+
+    images, labels, *_ = synthetic(8)
+    recipe = dict(lr=0.003, schedule="cosine", loss="cross_entropy", batch_size=3, seed=7,
+                  max_minutes=30.0)
+    Trainer(tiny_cfg(tmp_path, "a", iterations=2, **recipe),
+            images, labels, images, labels).fit(progress=False)
+    last = str(tmp_path / "a" / "last.pt")
+    cfg = config_from_args(_train_args("--resume", last, "--iterations", "9",
+                                       "--max-minutes", "5"))
+    for name, value in recipe.items():
+        if name != "max_minutes":
+            assert getattr(cfg, name) == value, name          # the run's recipe goes on
+    assert cfg.iterations == 9 and cfg.max_minutes == 5.0     # what was given wins
+    assert cfg.model_overrides == TINY and cfg.out_dir == str(tmp_path / "a")
+    resumed = Trainer(cfg, images, labels, images, labels, resume=last)
+    assert resumed.iteration == 2 and resumed.fit(progress=False)["finished"]
+
+
 def test_export_ships_an_unfinished_run_and_never_overwrites(tmp_path, capsys):
     from glom_mnist.cli import main
 
