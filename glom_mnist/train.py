@@ -382,15 +382,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's TrainConfig: the options given on the command line; the others from the run
     being resumed (`--resume`: its recipe goes on unchanged) or else TrainConfig's defaults."""
-    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "model_overrides"]
-    given: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given: dict[str, Any] = {n: getattr(args, n) for n in fields - {"model_overrides"}
+                             if getattr(args, n) is not None}
     if args.set:
         given["model_overrides"] = parse_overrides(args.set)
     saved: dict[str, Any] = {}
     if args.resume:
         state = read_checkpoint(args.resume).get("training") or {}
-        known = set(names) | {"model_overrides"}
-        saved = {k: v for k, v in (state.get("train_config") or {}).items() if k in known}
+        saved = {k: v for k, v in (state.get("train_config") or {}).items() if k in fields}
     return TrainConfig(**{**saved, **given})
 
 
