@@ -8,6 +8,7 @@ iteration, images/s, peak memory (CUDA: max allocated; CPU: growth of the proces
 beyond what imports, model and data took) and the ratios; `--json` writes them.
 
     python benchmarks/bench_model.py [--repeats 2] [--batch 60] [--steps 30] [--json out.json]
+    python benchmarks/bench_model.py --device cuda --only-fast --amp   # fp32 vs bf16 autocast
 """
 from __future__ import annotations
 
@@ -47,15 +48,22 @@ def child(impl: str, mode: str, batch: int, steps: int, iterations: int, device:
 
         def forward():
             return model(images)
-    else:
+    else:  # "fast", or "fast-bf16": the same model under bfloat16 autocast (CUDA only)
         model = Glom(GlomConfig.preset("seed", steps=steps)).to(dev)
+        if impl == "fast-bf16" and dev.type != "cuda":
+            raise SystemExit("fast-bf16 (autocast) is measured on CUDA only")
+
+        def autocast():
+            return torch.autocast("cuda", dtype=torch.bfloat16, enabled=impl == "fast-bf16")
 
         def loss_fn():
-            top = model(images)[:, -1]
+            with autocast():
+                top = model(images)[:, -1].float()
             return F.mse_loss(top, F.one_hot(labels, 10).float()[:, :, None, None].expand_as(top))
 
         def forward():
-            return model(images)
+            with autocast():
+                return model(images)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
 
     def train_once():
@@ -109,6 +117,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the oracle is CPU-only)")
     parser.add_argument("--only-fast", action="store_true", help="skip the oracle (e.g. on GPU)")
+    parser.add_argument("--amp", action="store_true",
+                        help="also the fast model under bfloat16 autocast (CUDA)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -116,14 +126,14 @@ def main() -> None:
         print(json.dumps(child(*args.child, args.batch, args.steps, args.iterations, args.device)))
         return
 
-    impls = ["fast"] if args.only_fast else ["oracle", "fast"]
+    impls = (["fast"] if args.only_fast else ["oracle", "fast"]) + (["fast-bf16"] if args.amp else [])
     results: dict[tuple[str, str], list[dict]] = {}
     for r in range(args.repeats):
         for mode in ("train", "eval"):
             for impl in impls:
                 m = measure(args, impl, mode)
                 results.setdefault((impl, mode), []).append(m)
-                print(f"round {r + 1}: {impl:6s} {mode:5s} {m['seconds']:8.3f} s  "
+                print(f"round {r + 1}: {impl:9s} {mode:5s} {m['seconds']:8.3f} s  "
                       f"peak {m['peak_mb']:8.0f} MB", flush=True)
 
     import torch  # for the summary only; each child measures its own time and memory
@@ -150,6 +160,13 @@ def main() -> None:
             summary[f"memory_ratio_{mode}"] = f["peak_mb"] / o["peak_mb"]
             print(f"{mode}: fast is {summary[f'speedup_{mode}']:.1f}x faster, peak memory "
                   f"{summary[f'memory_ratio_{mode}']:.2f}x the oracle's")
+    if args.amp:
+        for mode in ("train", "eval"):
+            f, h = summary[f"fast_{mode}"], summary[f"fast-bf16_{mode}"]
+            summary[f"amp_speedup_{mode}"] = f["seconds"] / h["seconds"]
+            summary[f"amp_memory_ratio_{mode}"] = h["peak_mb"] / f["peak_mb"]
+            print(f"{mode}: bf16 autocast is {summary[f'amp_speedup_{mode}']:.2f}x the fp32 "
+                  f"speed, peak memory {summary[f'amp_memory_ratio_{mode}']:.2f}x fp32's")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")

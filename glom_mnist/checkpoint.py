@@ -29,7 +29,13 @@ class CheckpointError(ValueError):
 
 
 def git_commit() -> str:
-    """The repository's commit (with '+dirty' if there are uncommitted changes), or 'unknown'."""
+    """The repository's commit (with '+dirty' if there are uncommitted changes), or 'unknown'.
+
+    A copy of the tree without `.git` (a rented GPU machine, say) can name its commit in the
+    environment variable GLOM_GIT_COMMIT.
+    """
+    if os.environ.get("GLOM_GIT_COMMIT"):
+        return os.environ["GLOM_GIT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
