@@ -162,7 +162,8 @@ class Glom(nn.Module):
         V = _tanh(F.conv2d(_dropout(K, p, train), self.C.reshape(R * D, D, 1, 1),
                            self.c.reshape(-1), groups=R)) + Q + K
         V = V.reshape(B, R, D, H, W) * self.cfg.out_scale                   # (B, R, D, H, W)
-        return levels.new_zeros(B, L, D, H, W).index_add_(1, self.route_target, V)
+        # under autocast V is bfloat16: the sum is kept in the state's own dtype
+        return levels.new_zeros(B, L, D, H, W).index_add_(1, self.route_target, V.to(levels.dtype))
 
     def neighbours(self, levels: torch.Tensor) -> list[torch.Tensor]:
         """The k*k torus neighbours of every column, each `(B, L, D, H, W)`, in row-major order

@@ -9,6 +9,8 @@
 # Writes to $OUT: session.log, bench_cuda.json, seed_recipe_6000.pt (the run's resumable
 # checkpoint at 6000) + .json (10k metrics), seed_recipe_ext.pt + .json (the continuation).
 # PY picks the interpreter (default python3); the package runs from this tree (PYTHONPATH).
+# START=a run's last.pt continues that run instead (stage 2 then has nothing left to do, and its
+# model is not evaluated again).
 # For a dry run on a CPU: ITERS1=4252 EXTRA=2 SKIP_BENCH=1 EVAL_LIMIT=200 RESERVE_S=10.
 set -u -o pipefail
 OUT=${OUT:-runs/gpu}
@@ -39,13 +41,13 @@ evaluate() {  # run checkpoint -> exported model -> 10k metrics JSON
 }
 
 echo "== 2. finish the seed recipe (resume/seed_recipe, constant lr 0.01) to its last iteration; $(left) s left"
-cp resume/seed_recipe/last.pt runs/gpu_seed_recipe/last.pt
+cp "${START:-resume/seed_recipe/last.pt}" runs/gpu_seed_recipe/last.pt
 timeout $(( $(left) - RESERVE_S )) $PY -m glom_mnist train --resume runs/gpu_seed_recipe/last.pt \
   --out-dir runs/gpu_seed_recipe --checkpoint-every 500 --max-minutes $(minutes) \
   ${ITERS1:+--iterations $ITERS1}
 cp runs/gpu_seed_recipe/last.pt "$OUT/seed_recipe_6000.pt"
-evaluate runs/gpu_seed_recipe/last.pt runs/gpu_seed_recipe/model.pt && \
-  cp runs/gpu_seed_recipe/model.json "$OUT/seed_recipe_6000.json"
+[ -n "${START:-}" ] || { evaluate runs/gpu_seed_recipe/last.pt runs/gpu_seed_recipe/model.pt && \
+  cp runs/gpu_seed_recipe/model.json "$OUT/seed_recipe_6000.json"; }
 
 # seconds per iteration on this machine, from the last 200 iterations of the log
 SPI=$($PY -c "

@@ -39,9 +39,10 @@ def test_cuda_rollout_equals_the_cpu_one(preset, exact_cuda):
     assert torch.equal(gpu.predict(images.cuda()).cpu(), cpu.predict(images))
 
 
-def test_bf16_autocast_training_learns_in_fp32_weights(tmp_path):
-    trainer = Trainer(tiny_cfg(tmp_path, "amp", device="cuda", amp=True, iterations=4),
-                      *synthetic())
+@pytest.mark.parametrize("preset", ["seed", "consensus"])
+def test_bf16_autocast_training_learns_in_fp32_weights(tmp_path, preset):
+    trainer = Trainer(tiny_cfg(tmp_path, "amp", preset=preset, device="cuda", amp=True,
+                               iterations=4), *synthetic())
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     summary = trainer.fit(progress=False)
     assert summary["finished"] and all(torch.isfinite(torch.tensor(r["loss"]))
