@@ -62,6 +62,8 @@ class TrainConfig:
     init: str | None = None           # start from this checkpoint's weights (fine-tuning):
                                       # this run's model config (which may switch on what owns
                                       # no weights), a fresh optimiser, iteration 0
+    revive: bool = False              # with init: restart the first-layer units stuck at +-1
+                                      # (see revive_saturated_units)
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -107,6 +109,33 @@ def top_level_loss(model: Glom, levels: torch.Tensor, labels: torch.Tensor,
     return F.mse_loss(top, target)
 
 
+@torch.no_grad()
+def revive_saturated_units(model: Glom, images: torch.Tensor,
+                           threshold: float = 0.98) -> list[tuple[str, int, int, int]]:
+    """Restart every first-layer unit whose tanh sits at +-1 on these images at every step.
+
+    Such a unit passes no gradient, so it never recovers; and since each network's output adds
+    its first layer's activations (V = tanh(.) + Q + K), a dead unit i pins output channel i of
+    that network. One did so to class 5's channel of the top level in the seed-recipe run (see
+    the README). Its weights and bias are set to zero: its tanh then starts at 0, where the slope
+    is largest. Returns (role, source level, target level, unit) for each unit restarted.
+    """
+    was_training = model.training
+    model.eval()
+    states = model(images, return_all=True)                              # (T+1, B, L, D, H, W)
+    model.train(was_training)
+    k = model.cfg.kernel
+    revived = []
+    for r, (role, src, tgt) in enumerate(model.routes):
+        x = states[:, :, src].flatten(0, 1)                                  # (T+1)*B, D, H, W
+        q = torch.tanh(F.conv2d(F.pad(x, (k // 2,) * 4, mode="circular"), model.A[r], model.a[r]))
+        for unit in (q.abs().mean((0, 2, 3)) > threshold).nonzero().flatten().tolist():
+            model.A[r, unit].zero_()
+            model.a[r, unit].zero_()
+            revived.append((role, src, tgt, unit))
+    return revived
+
+
 def learning_rate(cfg: TrainConfig, iteration: int) -> float:
     if cfg.schedule == "constant":
         return cfg.lr
@@ -134,6 +163,12 @@ class Trainer:
             torch.manual_seed(cfg.seed)
             self.model = (self._initial_weights(cfg.init) if cfg.init
                           else Glom(cfg.model_config())).to(self.device)
+            if cfg.revive:
+                if not cfg.init:
+                    raise ValueError("--revive restarts units of a trained model: give --init")
+                revived = revive_saturated_units(self.model, images[:cfg.batch_size].to(self.device))
+                print(f"--revive: restarted {len(revived)} first-layer unit(s) stuck at +-1: "
+                      + ", ".join(f"{n} {s}->{t} unit {u}" for n, s, t, u in revived), file=sys.stderr)
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
 
     def _initial_weights(self, path: str | Path) -> Glom:

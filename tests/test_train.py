@@ -11,6 +11,7 @@ from glom_mnist import load_checkpoint
 from glom_mnist.checkpoint import read_checkpoint
 from glom_mnist import Glom, GlomConfig
 from glom_mnist.train import (TrainConfig, Trainer, batch_indices, parse_overrides,
+                               revive_saturated_units,
                                top_level_loss)
 
 TINY = {"height": 8, "width": 8, "steps": 3}
@@ -283,3 +284,24 @@ def test_provenance_names_the_commit_the_run_started_with(tmp_path, monkeypatch)
     monkeypatch.setattr(glom_mnist.train, "git_commit", lambda: "edited-since")
     trainer.fit(progress=False)
     assert read_checkpoint(tmp_path / "run" / "last.pt")["provenance"]["git_commit"] == "started-here"
+
+
+def test_revive_restarts_only_the_units_stuck_at_plus_or_minus_one():
+    torch.manual_seed(0)
+    model = Glom(GlomConfig.preset("seed", **TINY))
+    images = synthetic()[0][:4]
+    assert revive_saturated_units(model, images) == []            # a fresh model has none
+    with torch.no_grad():
+        model.a[2, 3] = -40.0                                       # unit 3 of network 2: dead
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    role, src, tgt = model.routes[2]
+    assert revive_saturated_units(model, images) == [(role, src, tgt, 3)]
+    after = model.state_dict()
+    assert torch.all(after["A"][2, 3] == 0) and after["a"][2, 3] == 0
+    after["A"][2, 3], after["a"][2, 3] = before["A"][2, 3], before["a"][2, 3]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_revive_needs_a_trained_model(tmp_path):
+    with pytest.raises(ValueError, match="--init"):
+        Trainer(tiny_cfg(tmp_path, "x", revive=True), *synthetic())
