@@ -111,25 +111,28 @@ def top_level_loss(model: Glom, levels: torch.Tensor, labels: torch.Tensor,
 
 @torch.no_grad()
 def revive_saturated_units(model: Glom, images: torch.Tensor,
-                           threshold: float = 0.98) -> list[tuple[str, int, int, int]]:
-    """Restart every first-layer unit whose tanh sits at +-1 on these images at every step.
+                           threshold: float = 0.995) -> list[tuple[str, int, int, int]]:
+    """Restart every first-layer unit whose tanh sits at +1, or at -1, in the settled state (the
+    rollout's last step) of every one of these images, at every column: the mean of its tanh
+    beyond +-threshold. (A unit that switches between +1 and -1, a sharp detector, is alive.)
 
     Such a unit passes no gradient, so it never recovers; and since each network's output adds
     its first layer's activations (V = tanh(.) + Q + K), a dead unit i pins output channel i of
     that network. One did so to class 5's channel of the top level in the seed-recipe run (see
     the README). Its weights and bias are set to zero: its tanh then starts at 0, where the slope
-    is largest. Returns (role, source level, target level, unit) for each unit restarted.
+    is largest. (In that run the unit drifted from +0.5 to -1 over the 30 steps, as the level below
+grew.) Returns (role, source level, target level, unit) for each unit restarted.
     """
     was_training = model.training
     model.eval()
-    states = model(images, return_all=True)                              # (T+1, B, L, D, H, W)
+    settled = model(images)                                                # (B, L, D, H, W)
     model.train(was_training)
     k = model.cfg.kernel
     revived = []
     for r, (role, src, tgt) in enumerate(model.routes):
-        x = states[:, :, src].flatten(0, 1)                                  # (T+1)*B, D, H, W
+        x = settled[:, src]                                                  # (B, D, H, W)
         q = torch.tanh(F.conv2d(F.pad(x, (k // 2,) * 4, mode="circular"), model.A[r], model.a[r]))
-        for unit in (q.abs().mean((0, 2, 3)) > threshold).nonzero().flatten().tolist():
+        for unit in (q.mean((0, 2, 3)).abs() > threshold).nonzero().flatten().tolist():
             model.A[r, unit].zero_()
             model.a[r, unit].zero_()
             revived.append((role, src, tgt, unit))

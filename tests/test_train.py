@@ -293,6 +293,7 @@ def test_revive_restarts_only_the_units_stuck_at_plus_or_minus_one():
     assert revive_saturated_units(model, images) == []            # a fresh model has none
     with torch.no_grad():
         model.a[2, 3] = -40.0                                       # unit 3 of network 2: dead
+        model.A[0, 4] *= 1000                   # unit 4 of network 0: +-1 by its input, alive
     before = {k: v.clone() for k, v in model.state_dict().items()}
     role, src, tgt = model.routes[2]
     assert revive_saturated_units(model, images) == [(role, src, tgt, 3)]
