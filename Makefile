@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DATA ?= data
 # the best shipped model (README, "Results"), and the model the islands section measures
-CHECKPOINT ?= best_models/glom_seed_recipe.pt
+CHECKPOINT ?= best_models/glom_seed_revived.pt
 ISLANDS_CHECKPOINT ?= best_models/glom_seed.pt
 
 .PHONY: setup data fashion-mnist evaluate figures test test-all train bench notebook clean-venv
@@ -34,9 +34,10 @@ evaluate: data             ## evaluate the shipped checkpoint on the test set an
 	fi
 
 CONSENSUS := best_models/glom_consensus.pt
-figures: data              ## imgs/ (islands section's model), imgs/seed_recipe/ (best), imgs/consensus/
+figures: data              ## imgs/ (islands section's model), imgs/<best model>/, imgs/consensus/
 	$(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(ISLANDS_CHECKPOINT)
-	$(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(CHECKPOINT) --out imgs/seed_recipe
+	$(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(CHECKPOINT) \
+	  --out imgs/$(notdir $(basename $(CHECKPOINT)))
 	@if [ -f $(CONSENSUS) ]; then \
 	  $(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(CONSENSUS) --out imgs/consensus; \
 	fi
