@@ -109,6 +109,16 @@ def measure(args: argparse.Namespace, impl: str, mode: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def compare(summary: dict, base: str, new: str, key: str) -> None:
+    """Speed and peak-memory ratios of `new` over `base`, into summary and printed."""
+    for mode in ("train", "eval"):
+        b, n = summary[f"{base}_{mode}"], summary[f"{new}_{mode}"]
+        speed = summary[f"{key}speedup_{mode}"] = b["seconds"] / n["seconds"]
+        memory = summary[f"{key}memory_ratio_{mode}"] = n["peak_mb"] / b["peak_mb"]
+        print(f"{mode}: {new} runs at {speed:.2f}x the speed of {base}, with {memory:.2f}x its "
+              "peak memory")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="alternating rounds")
@@ -154,19 +164,9 @@ def main() -> None:
                                      "peak_mb": peak}
         print(f"{impl + ' ' + mode:14s}{sec:10.3f}{args.batch / sec:10.1f}{peak:10.0f}")
     if not args.only_fast:
-        for mode in ("train", "eval"):
-            o, f = summary[f"oracle_{mode}"], summary[f"fast_{mode}"]
-            summary[f"speedup_{mode}"] = o["seconds"] / f["seconds"]
-            summary[f"memory_ratio_{mode}"] = f["peak_mb"] / o["peak_mb"]
-            print(f"{mode}: fast is {summary[f'speedup_{mode}']:.1f}x faster, peak memory "
-                  f"{summary[f'memory_ratio_{mode}']:.2f}x the oracle's")
+        compare(summary, "oracle", "fast", "")
     if args.amp:
-        for mode in ("train", "eval"):
-            f, h = summary[f"fast_{mode}"], summary[f"fast-bf16_{mode}"]
-            summary[f"amp_speedup_{mode}"] = f["seconds"] / h["seconds"]
-            summary[f"amp_memory_ratio_{mode}"] = h["peak_mb"] / f["peak_mb"]
-            print(f"{mode}: bf16 autocast is {summary[f'amp_speedup_{mode}']:.2f}x the fp32 "
-                  f"speed, peak memory {summary[f'amp_memory_ratio_{mode}']:.2f}x fp32's")
+        compare(summary, "fast", "fast-bf16", "amp_")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
