@@ -138,6 +138,19 @@ class Glom(nn.Module):
         self.register_buffer("level_mix", lam, persistent=False)  # (L above, L)
 
     # ---- the messages -------------------------------------------------------------------
+    def first_layer(self, levels: torch.Tensor) -> torch.Tensor:
+        """Every network's first layer, `Q = tanh(A x + a)` over its source level's k x k torus
+        neighbourhood (dropout on x while training): `(B, R, D, H, W)`, network r in route order.
+        One circular convolution for all R (see `network_messages`)."""
+        B, L, D, H, W = levels.shape
+        R, S, k = len(self.routes), self.slots, self.cfg.kernel
+        A = self.A.new_zeros(L * S, D, D, k, k).index_copy(0, self.route_slot, self.A)
+        a = self.a.new_zeros(L * S, D).index_copy(0, self.route_slot, self.a)
+        x = _dropout(levels.reshape(B, L * D, H, W), self.cfg.dropout, self.training)
+        x = F.pad(x, (k // 2,) * 4, mode="circular")
+        Q = F.conv2d(x, A.reshape(L * S * D, D, k, k), a.reshape(-1), groups=L)  # (B, L*S*D, H, W)
+        return _tanh(Q.view(B, L * S, D, H, W).index_select(1, self.route_slot)).view(B, R, D, H, W)
+
     def network_messages(self, levels: torch.Tensor) -> torch.Tensor:
         """Bottom-up, lateral and top-down messages summed per target level: `(B, L, D, H, W)`.
 
@@ -148,15 +161,9 @@ class Glom(nn.Module):
         weight is zero outside each network's source level (4x the multiply-adds for the seed).
         """
         B, L, D, H, W = levels.shape
-        R, S, k = len(self.routes), self.slots, self.cfg.kernel
+        R = len(self.routes)
         p, train = self.cfg.dropout, self.training
-        A = self.A.new_zeros(L * S, D, D, k, k).index_copy(0, self.route_slot, self.A)
-        a = self.a.new_zeros(L * S, D).index_copy(0, self.route_slot, self.a)
-        x = _dropout(levels.reshape(B, L * D, H, W), p, train)
-        x = F.pad(x, (k // 2,) * 4, mode="circular")
-        Q = F.conv2d(x, A.reshape(L * S * D, D, k, k), a.reshape(-1), groups=L)  # (B, L*S*D, H, W)
-        Q = _tanh(Q.view(B, L * S, D, H, W).index_select(1, self.route_slot))
-        Q = Q.view(B, R * D, H, W)                                            # (B, R*D, H, W)
+        Q = self.first_layer(levels).view(B, R * D, H, W)                    # (B, R*D, H, W)
         K = _tanh(F.conv2d(_dropout(Q, p, train), self.B.reshape(R * D, D, 1, 1),
                            self.b.reshape(-1), groups=R)) + Q
         V = _tanh(F.conv2d(_dropout(K, p, train), self.C.reshape(R * D, D, 1, 1),

@@ -76,6 +76,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.revive and not self.init:
+            raise ValueError("--revive restarts units of a trained model: give --init")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
 
@@ -121,18 +123,15 @@ def revive_saturated_units(model: Glom, images: torch.Tensor,
     that network. One did so to class 5's channel of the top level in the seed-recipe run (see
     the README). Its weights and bias are set to zero: its tanh then starts at 0, where the slope
     is largest. (In that run the unit drifted from +0.5 to -1 over the 30 steps, as the level below
-grew.) Returns (role, source level, target level, unit) for each unit restarted.
+    grew.) Returns (role, source level, target level, unit) for each unit restarted.
     """
     was_training = model.training
     model.eval()
-    settled = model(images)                                                # (B, L, D, H, W)
+    mean_q = model.first_layer(model(images)).mean((0, 3, 4))            # (R, D), settled state
     model.train(was_training)
-    k = model.cfg.kernel
     revived = []
     for r, (role, src, tgt) in enumerate(model.routes):
-        x = settled[:, src]                                                  # (B, D, H, W)
-        q = torch.tanh(F.conv2d(F.pad(x, (k // 2,) * 4, mode="circular"), model.A[r], model.a[r]))
-        for unit in (q.mean((0, 2, 3)).abs() > threshold).nonzero().flatten().tolist():
+        for unit in (mean_q[r].abs() > threshold).nonzero().flatten().tolist():
             model.A[r, unit].zero_()
             model.a[r, unit].zero_()
             revived.append((role, src, tgt, unit))
@@ -167,8 +166,6 @@ class Trainer:
             self.model = (self._initial_weights(cfg.init) if cfg.init
                           else Glom(cfg.model_config())).to(self.device)
             if cfg.revive:
-                if not cfg.init:
-                    raise ValueError("--revive restarts units of a trained model: give --init")
                 revived = revive_saturated_units(self.model, images[:cfg.batch_size].to(self.device))
                 print(f"--revive: restarted {len(revived)} first-layer unit(s) stuck at +-1: "
                       + ", ".join(f"{n} {s}->{t} unit {u}" for n, s, t, u in revived), file=sys.stderr)
