@@ -64,6 +64,8 @@ class TrainConfig:
                                       # no weights), a fresh optimiser, iteration 0
     revive: bool = False              # with init: restart the first-layer units stuck at +-1
                                       # (see revive_saturated_units)
+    hard_weight: float = 0.0          # an image the batch's rollout votes wrong counts
+                                      # 1 + hard_weight times in the loss (0: the seed's plain mean)
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -76,6 +78,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.hard_weight >= 0:
+            raise ValueError(f"hard_weight must be >= 0 (0 = every image counts once), "
+                             f"got {self.hard_weight}")
         if self.revive and not self.init:
             raise ValueError("--revive restarts units of a trained model: give --init")
         if self.preset not in PRESETS:
@@ -94,8 +99,9 @@ def batch_indices(n: int, batch_size: int, iteration: int, seed: int) -> torch.T
 
 
 def top_level_loss(model: Glom, levels: torch.Tensor, labels: torch.Tensor,
-                   kind: str = "mse") -> torch.Tensor:
-    """The label's loss at every column of the top level, averaged over columns and images.
+                   kind: str = "mse", weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The label's loss at every column of the top level, averaged over columns and images
+    (with `weights` `(B,)`: the images' weighted mean).
 
     "mse" (the seed's): squared error between the class channels and the one-hot label.
     "cross_entropy": the class channels are each column's logits. Same architecture and the same
@@ -106,9 +112,14 @@ def top_level_loss(model: Glom, levels: torch.Tensor, labels: torch.Tensor,
     top = levels[:, -1, :C]                                              # (B, C, H, W)
     if kind == "cross_entropy":
         H, W = top.shape[-2:]
-        return F.cross_entropy(top, labels[:, None, None].expand(-1, H, W))
-    target = F.one_hot(labels, C).to(top.dtype)[:, :, None, None].expand_as(top)
-    return F.mse_loss(top, target)
+        per_image = F.cross_entropy(top, labels[:, None, None].expand(-1, H, W),
+                                    reduction="none").mean((1, 2))
+    else:
+        target = F.one_hot(labels, C).to(top.dtype)[:, :, None, None].expand_as(top)
+        per_image = F.mse_loss(top, target, reduction="none").mean((1, 2, 3))
+    if weights is None:
+        return per_image.mean()
+    return (per_image * weights).sum() / weights.sum()
 
 
 @torch.no_grad()
@@ -237,13 +248,15 @@ class Trainer:
         self.model.train()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and self.device.type == "cuda"):
             levels = self.model(x)
-            loss = top_level_loss(self.model, levels.float(), y, cfg.loss)
+        with torch.no_grad():
+            correct = self.model.majority(self.model.votes(levels)) == y
+        # hard examples: the images this very rollout gets wrong weigh 1 + hard_weight
+        weights = 1.0 + cfg.hard_weight * (~correct).float() if cfg.hard_weight else None
+        loss = top_level_loss(self.model, levels.float(), y, cfg.loss, weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        with torch.no_grad():
-            accuracy = (self.model.majority(self.model.votes(levels)) == y).float().mean().item()
-        return loss.item(), accuracy
+        return loss.item(), correct.float().mean().item()
 
     def evaluate(self) -> dict[str, Any]:
         metrics = evaluate_model(self.model, self.eval_images, self.eval_labels,
@@ -405,7 +418,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kind = {"iterations": int, "batch_size": int, "seed": int, "limit_train": int,
                     "eval_every": int, "eval_images": int, "checkpoint_every": int,
-                    "lr": float, "checkpoint_minutes": float, "max_minutes": float}.get(f.name, str)
+                    "lr": float, "checkpoint_minutes": float, "max_minutes": float,
+                    "hard_weight": float}.get(f.name, str)
             parser.add_argument(flag, type=kind, default=None, help=f"(default {default})")
     parser.add_argument("--resume", default=None,
                         help="a runs/*/last.pt to continue from, with that run's own settings "

@@ -118,6 +118,46 @@ def test_losses_match_their_definitions_column_by_column():
     torch.testing.assert_close(top_level_loss(model, levels, labels), mse / 12)
 
 
+def test_hard_examples_weigh_more_in_the_loss():
+    model = Glom(GlomConfig.preset("seed", height=3, width=2))
+    levels = torch.randn(3, 4, 10, 3, 2)
+    labels = torch.tensor([3, 7, 1])
+    per_image = torch.stack([top_level_loss(model, levels[i:i + 1], labels[i:i + 1])
+                             for i in range(3)])
+    weights = torch.tensor([1.0, 4.0, 1.0])
+    torch.testing.assert_close(top_level_loss(model, levels, labels, weights=weights),
+                               (per_image * weights).sum() / 6)
+    torch.testing.assert_close(top_level_loss(model, levels, labels, weights=torch.ones(3)),
+                               top_level_loss(model, levels, labels))
+
+
+def test_hard_weight_changes_only_what_the_wrong_images_contribute(tmp_path):
+    """With hard_weight the step's loss is the weighted mean over the images its own rollout
+    votes wrong (weight 1 + hard_weight) and right (1); hard_weight 0 is the seed's step."""
+    images, labels, *_ = synthetic(8)
+    losses = {}
+    for w in (0.0, 3.0):
+        cfg = tiny_cfg(tmp_path, f"hw{w}", batch_size=8, hard_weight=w,
+                       model_overrides={**TINY, "dropout": 0.0, "noise": 0.0})
+        trainer = Trainer(cfg, images, labels, images, labels)
+        model = trainer.model
+        idx = batch_indices(8, 8, 0, cfg.seed)                      # the step's batch
+        x, y = images[idx], labels[idx]
+        torch.manual_seed(5)                                        # the same initial state
+        with torch.no_grad():
+            levels = model.train()(x)
+            wrong = (model.majority(model.votes(levels)) != y).float()
+            per_image = torch.stack([top_level_loss(model, levels[i:i + 1], y[i:i + 1])
+                                     for i in range(8)])
+        torch.manual_seed(5)
+        losses[w] = (trainer.step()[0], per_image, wrong)
+    (plain, per_image, wrong), (hard, _, _) = losses[0.0], losses[3.0]
+    assert 0 < wrong.sum() < 8                      # both kinds of image in the batch
+    assert plain == pytest.approx(per_image.mean().item(), rel=1e-5)
+    weights = 1 + 3 * wrong
+    assert hard == pytest.approx(((per_image * weights).sum() / weights.sum()).item(), rel=1e-5)
+
+
 def test_batches_cover_each_epoch_once_and_depend_on_the_seed():
     epoch = torch.cat([batch_indices(12, 4, i, seed=0) for i in range(3)])
     assert sorted(epoch.tolist()) == list(range(12))
@@ -132,6 +172,8 @@ def test_bad_settings_are_refused_clearly():
         TrainConfig(loss="hinge")
     with pytest.raises(ValueError, match="unknown preset"):
         TrainConfig(preset="huge")
+    with pytest.raises(ValueError, match="hard_weight must be >= 0"):
+        TrainConfig(hard_weight=-1)
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         parse_overrides(["dropuot=0"])
     assert parse_overrides(["dropout=0", "accumulate=2,4", "attention=true"]) == {
