@@ -80,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="rollout steps (default: config)")
     parser.add_argument("--json", default=None, help="write the metrics to this JSON file")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random initial state (default 0): the same seed, "
+                             "device and batch size give the same metrics")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,9 +99,10 @@ def run(args: argparse.Namespace) -> int:
     images, labels = load_split(args.dataset, args.root, train=False)
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
+    torch.manual_seed(args.seed)        # the rollout starts from uniform noise (seed-experiment.md)
     metrics = evaluate_model(model, normalise(images, args.dataset), labels,
                              batch_size=args.batch_size, steps=args.steps)
-    metrics.update(checkpoint=str(path), dataset=args.dataset, split="test",
+    metrics.update(checkpoint=str(path), dataset=args.dataset, split="test", seed=args.seed,
                    device=str(next(model.parameters()).device),
                    data_md5=verify(args.dataset, args.root),
                    command="python -m glom_mnist evaluate " + " ".join(
