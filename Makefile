@@ -14,6 +14,11 @@ ISLANDS_CHECKPOINT ?= best_models/glom_seed.pt
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c requirements.lock -e .
+	@# torch.compile (--compile, and a test of it) needs a C++ compiler on a CPU
+	@command -v g++ >/dev/null || command -v clang++ >/dev/null || \
+	  { command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; } || \
+	  echo "note: no C++ compiler, and g++ could not be installed: --compile will not work"
 	touch $(STAMP)
 
 setup: $(STAMP)            ## create .venv and install the pinned packages

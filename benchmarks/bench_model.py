@@ -48,8 +48,11 @@ def child(impl: str, mode: str, batch: int, steps: int, iterations: int, device:
 
         def forward():
             return model(images)
-    else:  # "fast", or "fast-bf16": the same model under bfloat16 autocast (CUDA only)
+    else:  # "fast"; "fast-bf16": under bfloat16 autocast (CUDA only); "fast-compiled": its
+        # steps through torch.compile (the warm-up run compiles)
         model = Glom(GlomConfig.preset("seed", steps=steps)).to(dev)
+        if impl == "fast-compiled":
+            model.compile_steps()
         if impl == "fast-bf16" and dev.type != "cuda":
             raise SystemExit("fast-bf16 (autocast) is measured on CUDA only")
 
@@ -129,6 +132,8 @@ def main() -> None:
     parser.add_argument("--only-fast", action="store_true", help="skip the oracle (e.g. on GPU)")
     parser.add_argument("--amp", action="store_true",
                         help="also the fast model under bfloat16 autocast (CUDA)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the fast model with its steps compiled (torch.compile)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -136,14 +141,15 @@ def main() -> None:
         print(json.dumps(child(*args.child, args.batch, args.steps, args.iterations, args.device)))
         return
 
-    impls = (["fast"] if args.only_fast else ["oracle", "fast"]) + (["fast-bf16"] if args.amp else [])
+    impls = ((["fast"] if args.only_fast else ["oracle", "fast"])
+             + (["fast-bf16"] if args.amp else []) + (["fast-compiled"] if args.compile else []))
     results: dict[tuple[str, str], list[dict]] = {}
     for r in range(args.repeats):
         for mode in ("train", "eval"):
             for impl in impls:
                 m = measure(args, impl, mode)
                 results.setdefault((impl, mode), []).append(m)
-                print(f"round {r + 1}: {impl:9s} {mode:5s} {m['seconds']:8.3f} s  "
+                print(f"round {r + 1}: {impl:13s} {mode:5s} {m['seconds']:8.3f} s  "
                       f"peak {m['peak_mb']:8.0f} MB", flush=True)
 
     import torch  # for the summary only; each child measures its own time and memory
@@ -156,17 +162,21 @@ def main() -> None:
                      "repeats": args.repeats, "command": " ".join(sys.argv)}
     print(f"\nbatch {args.batch}, {args.steps} steps, {args.device}; median over "
           f"{args.repeats} alternating rounds")
-    print(f"{'':14s}{'s/iter':>10s}{'images/s':>10s}{'peak MB':>10s}")
+    print(f"{'':20s}{'s/iter':>10s}{'images/s':>10s}{'peak MB':>10s}")
     for (impl, mode), ms in results.items():
         sec = statistics.median(m["seconds"] for m in ms)
         peak = max(m["peak_mb"] for m in ms)
         summary[f"{impl}_{mode}"] = {"seconds": sec, "images_per_s": args.batch / sec,
                                      "peak_mb": peak}
-        print(f"{impl + ' ' + mode:14s}{sec:10.3f}{args.batch / sec:10.1f}{peak:10.0f}")
+        print(f"{impl + ' ' + mode:20s}{sec:10.3f}{args.batch / sec:10.1f}{peak:10.0f}")
     if not args.only_fast:
         compare(summary, "oracle", "fast", "")
     if args.amp:
         compare(summary, "fast", "fast-bf16", "amp_")
+    if args.compile:
+        compare(summary, "fast", "fast-compiled", "compile_")
+        if not args.only_fast:
+            compare(summary, "oracle", "fast-compiled", "compiled_")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")

@@ -18,12 +18,18 @@ Axes everywhere: B batch, L levels, D dim, H, W pixels, T steps, R networks ("ro
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import GlomConfig
+
+
+# inference on a CPU rolls out this many state values at a time (Glom.inference_chunk)
+INFERENCE_CHUNK_VALUES = 8 * 4 * 10 * 28 * 28
 
 
 def seed_linear_to_conv(weight: torch.Tensor, dim: int, kernel: int = 3) -> torch.Tensor:
@@ -136,6 +142,20 @@ class Glom(nn.Module):
         m, l = torch.meshgrid(torch.arange(L), torch.arange(L), indexing="ij")
         lam = torch.where(m >= l, cfg.attention_lambda ** (m - l).clamp(min=0).float(), 0.0)
         self.register_buffer("level_mix", lam, persistent=False)  # (L above, L)
+        self._step = self.update          # one GLOM step; compile_steps() swaps in a compiled one
+
+    def compile_steps(self, **options) -> "Glom":
+        """Run each GLOM step (`update`) through `torch.compile` (its elementwise work fused into
+        a few loops; the convolutions stay library calls). The first rollout compiles, taking
+        a minute or so on a CPU, and needs a C++ compiler there. The same maths: tests compare the
+        compiled rollout and its gradients with the eager one. Returns the model."""
+        if self.A.device.type == "cpu" and not any(
+                shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c):
+            raise RuntimeError("compiling on a CPU needs a C++ compiler (g++ or clang++, or $CXX) "
+                               "and none was found: install one (`apt-get install g++`), or run "
+                               "without compiling")
+        self._step = torch.compile(self.update, dynamic=False, **options)
+        return self
 
     # ---- the messages -------------------------------------------------------------------
     def first_layer(self, levels: torch.Tensor) -> torch.Tensor:
@@ -168,9 +188,11 @@ class Glom(nn.Module):
                            self.b.reshape(-1), groups=R)) + Q
         V = _tanh(F.conv2d(_dropout(K, p, train), self.C.reshape(R * D, D, 1, 1),
                            self.c.reshape(-1), groups=R)) + Q + K
-        V = V.reshape(B, R, D, H, W) * self.cfg.out_scale                   # (B, R, D, H, W)
-        # under autocast V is bfloat16: the sum is kept in the state's own dtype
-        return levels.new_zeros(B, L, D, H, W).index_add_(1, self.route_target, V.to(levels.dtype))
+        V = V.reshape(B, R, D, H, W)                                        # (B, R, D, H, W)
+        # times out_scale while summing (one pass less); under autocast V is bfloat16: the sum
+        # is kept in the state's own dtype
+        return levels.new_zeros(B, L, D, H, W).index_add_(1, self.route_target, V.to(levels.dtype),
+                                                          alpha=self.cfg.out_scale)
 
     def neighbours(self, levels: torch.Tensor) -> list[torch.Tensor]:
         """The k*k torus neighbours of every column, each `(B, L, D, H, W)`, in row-major order
@@ -238,6 +260,29 @@ class Glom(nn.Module):
         if not (isinstance(T, int) and T >= 0):
             raise ValueError(f"steps must be a non-negative integer, got {T!r}")
         levels = self.initial_state(images)
+        B = levels.shape[0]
+        chunk = self.inference_chunk(levels)
+        if chunk >= B:
+            return self.rollout(levels, T, return_all)
+        # inference on a CPU: the images one chunk at a time (each image's rollout is its own in
+        # eval mode, so the result is the same; see inference_chunk)
+        parts = [self.rollout(levels[i:i + chunk], T, return_all) for i in range(0, B, chunk)]
+        return torch.cat(parts, dim=1 if return_all else 0)
+
+    def inference_chunk(self, levels: torch.Tensor) -> int:
+        """How many images to roll out at once: all of them, except for inference (eval mode, no
+        gradient) on a CPU, where chunks of about INFERENCE_CHUNK_VALUES state values (8 images
+        of 28x28) run 2-2.7x faster than batches of 60-500 on the 2-core machines measured
+        (README, "Speed and memory"): their tensors stay in the CPU's cache, and below the size
+        at which the C library hands every new tensor fresh pages from the kernel, whose page
+        faults took over half of a batch-500 evaluation's time."""
+        if self.training or torch.is_grad_enabled() or levels.device.type != "cpu":
+            return levels.shape[0]
+        return max(1, INFERENCE_CHUNK_VALUES // levels[0].numel())
+
+    def rollout(self, levels: torch.Tensor, T: int, return_all: bool = False) -> torch.Tensor:
+        """T steps from the state `levels` `(B, L, D, H, W)` (see forward)."""
+        cfg = self.cfg
         input_level = levels[:, :1]                                          # (B, 1, D, H, W)
         states = [levels] if return_all else []
         # accumulated intermediate states: residual shortcuts through the T steps, re-added and
@@ -245,7 +290,7 @@ class Glom(nn.Module):
         periods = [max(1, T // k) for k in cfg.accumulate]
         saved = [levels] * len(periods)
         for t in range(T):
-            levels = self.update(levels)
+            levels = self._step(levels)
             if self.training and cfg.noise:
                 levels = levels + cfg.noise * torch.rand_like(levels)
             for i, period in enumerate(periods):

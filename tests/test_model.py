@@ -189,3 +189,59 @@ def test_attention_equals_its_formula_written_column_by_column():
                 assert torch.allclose(weights[0, l, :, y, x], w, atol=1e-6)
                 mean = sum(w[n] * levels[0, l, :, v, u] for n, (v, u) in enumerate(cols))
                 assert torch.allclose(consensus[0, l, :, y, x], mean, atol=1e-6)
+
+
+# compiling takes 15-30 s per preset on a 2-core CPU: the consensus one only in `make test-all`
+@pytest.mark.parametrize("preset", ["seed", pytest.param("consensus", marks=pytest.mark.slow)])
+def test_compiled_steps_give_the_eager_rollout_and_gradients(preset):
+    """`compile_steps` changes how a step runs, not what it computes: rollout and gradients
+    equal the eager model's (dropout off: the compiled graph draws its own random numbers)."""
+    cfg = GlomConfig.preset(preset, height=6, width=5, steps=4, dropout=0.0, noise=0.0)
+    torch.manual_seed(0)
+    eager = Glom(cfg)
+    compiled = Glom(cfg)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_steps()
+    images = torch.randn(3, 1, 6, 5)
+    results = []
+    for model in (eager, compiled):  # (setup installs g++, which compiling on a CPU needs)
+        torch.manual_seed(1)                                      # the same initial state
+        levels = model(images)
+        levels[:, -1].square().mean().backward()
+        results.append((levels.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (a, grads_a), (b, grads_b) = results
+    assert compiled._step is not compiled.update                  # it did run compiled
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4)
+
+
+def test_compiling_without_a_cpp_compiler_says_what_is_missing(monkeypatch):
+    monkeypatch.setattr("glom_mnist.model.shutil.which", lambda name: None)
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
+        Glom(GlomConfig.preset("seed", height=4, width=4)).compile_steps()
+
+
+@pytest.mark.parametrize("preset", ["seed", "consensus"])
+def test_inference_in_chunks_gives_the_whole_batchs_result(preset, monkeypatch):
+    """Eval mode without gradients on a CPU rolls the images out a chunk at a time; the result
+    (final state and every step) is the whole batch's, rolled out at once."""
+    monkeypatch.setattr("glom_mnist.model.INFERENCE_CHUNK_VALUES", 3 * 4 * 10 * 6 * 5)  # 3 images
+    torch.manual_seed(0)
+    model = Glom(GlomConfig.preset(preset, height=6, width=5, steps=5)).eval()
+    images = torch.randn(8, 1, 6, 5)
+    calls = []
+    rollout = model.rollout
+    monkeypatch.setattr(model, "rollout", lambda levels, *a: calls.append(len(levels))
+                        or rollout(levels, *a))
+    results = {}
+    for chunked in (False, True):
+        with torch.set_grad_enabled(not chunked):           # with gradients: all at once
+            for return_all in (False, True):
+                torch.manual_seed(1)                        # the same initial state
+                results[chunked, return_all] = model(images, return_all=return_all).detach()
+    assert calls == [8, 8, 3, 3, 2, 3, 3, 2]
+    for return_all in (False, True):
+        torch.testing.assert_close(results[True, return_all], results[False, return_all],
+                                   atol=1e-6, rtol=1e-6)
+    assert results[True, True].shape == (6, 8, 4, 10, 6, 5)
