@@ -14,11 +14,11 @@ ISLANDS_CHECKPOINT ?= best_models/glom_seed.pt
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c requirements.lock -e .
-	@# torch.compile (--compile, and a test of it) needs a C++ compiler on a CPU
+	@# torch.compile (Glom.compile_steps: bench_model.py --compile, a test) needs a C++ compiler on a CPU
 	@command -v g++ >/dev/null || command -v clang++ >/dev/null || \
 	  { command -v apt-get >/dev/null && apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; } || \
-	  echo "note: no C++ compiler, and g++ could not be installed: --compile will not work"
+	  echo "note: no C++ compiler, and g++ could not be installed: Glom.compile_steps will not work on the CPU"
 	touch $(STAMP)
 
 setup: $(STAMP)            ## create .venv and install the pinned packages

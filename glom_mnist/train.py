@@ -123,6 +123,17 @@ def top_level_loss(model: Glom, levels: torch.Tensor, labels: torch.Tensor,
 
 
 @torch.no_grad()
+def settled_first_layer(model: Glom, images: torch.Tensor) -> torch.Tensor:
+    """Every network's first-layer activations (tanh) in the settled state of `images`, the
+    rollout's last step in eval mode: `(B, R, D, H, W)`. The model's mode is given back."""
+    was_training = model.training
+    model.eval()
+    q = model.first_layer(model(images))
+    model.train(was_training)
+    return q
+
+
+@torch.no_grad()
 def revive_saturated_units(model: Glom, images: torch.Tensor,
                            threshold: float = 0.995) -> list[tuple[str, int, int, int]]:
     """Restart every first-layer unit whose tanh sits at +1, or at -1, in the settled state (the
@@ -136,10 +147,7 @@ def revive_saturated_units(model: Glom, images: torch.Tensor,
     is largest. (In that run the unit drifted from +0.5 to -1 over the 30 steps, as the level below
     grew.) Returns (role, source level, target level, unit) for each unit restarted.
     """
-    was_training = model.training
-    model.eval()
-    mean_q = model.first_layer(model(images)).mean((0, 3, 4))            # (R, D), settled state
-    model.train(was_training)
+    mean_q = settled_first_layer(model, images).mean((0, 3, 4))          # (R, D)
     revived = []
     for r, (role, src, tgt) in enumerate(model.routes):
         for unit in (mean_q[r].abs() > threshold).nonzero().flatten().tolist():

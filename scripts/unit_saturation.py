@@ -14,6 +14,7 @@ import torch
 
 from glom_mnist import load_checkpoint
 from glom_mnist.data import load_split, normalise
+from glom_mnist.train import settled_first_layer
 
 
 def main() -> None:
@@ -33,8 +34,7 @@ def main() -> None:
         if route not in model.routes:
             raise SystemExit(f"{path} has no network {route}; it has {model.routes}")
         torch.manual_seed(0)
-        with torch.no_grad():
-            q = model.first_layer(model(x))[:, model.routes.index(route), args.unit]
+        q = settled_first_layer(model, x)[:, model.routes.index(route), args.unit]
         print(f"{path}: {route} unit {args.unit}: mean tanh {q.mean():.3f}, "
               f"values below -0.99: {(q < -0.99).float().mean():.1%}")
 

@@ -191,7 +191,8 @@ def test_attention_equals_its_formula_written_column_by_column():
                 assert torch.allclose(consensus[0, l, :, y, x], mean, atol=1e-6)
 
 
-# compiling takes 15-30 s per preset on a 2-core CPU: the consensus one only in `make test-all`
+# compiling takes 15-30 s per preset on a 2-core CPU (and g++, which `make setup` installs): the
+# consensus one only in `make test-all`
 @pytest.mark.parametrize("preset", ["seed", pytest.param("consensus", marks=pytest.mark.slow)])
 def test_compiled_steps_give_the_eager_rollout_and_gradients(preset):
     """`compile_steps` changes how a step runs, not what it computes: rollout and gradients
@@ -204,7 +205,7 @@ def test_compiled_steps_give_the_eager_rollout_and_gradients(preset):
     compiled.compile_steps()
     images = torch.randn(3, 1, 6, 5)
     results = []
-    for model in (eager, compiled):  # (setup installs g++, which compiling on a CPU needs)
+    for model in (eager, compiled):
         torch.manual_seed(1)                                      # the same initial state
         levels = model(images)
         levels[:, -1].square().mean().backward()
