@@ -272,10 +272,10 @@ class Glom(nn.Module):
     def inference_chunk(self, levels: torch.Tensor) -> int:
         """How many images to roll out at once: all of them, except for inference (eval mode, no
         gradient) on a CPU, where chunks of about INFERENCE_CHUNK_VALUES state values (8 images
-        of 28x28) ran 1.5-4x faster than whole batches of 60-500 on the 2-core machine measured
-        (README, "Speed and memory"): their tensors stay in the CPU's cache, and below the size
-        at which the C library hands every new tensor fresh pages from the kernel, whose page
-        faults took over half of a batch-500 evaluation's time."""
+        of 28x28) ran 2.2x and 5.3x faster than whole batches of 60 and 500 on the 2-core machine
+        measured (benchmarks/cpu_diagnostics.py): their tensors stay in the CPU's cache, and
+        below the size at which the C library hands every new tensor fresh pages from the
+        kernel, whose page faults took over half of a batch-500 evaluation's time."""
         if self.training or torch.is_grad_enabled() or levels.device.type != "cpu":
             return levels.shape[0]
         return max(1, INFERENCE_CHUNK_VALUES // levels[0].numel())
