@@ -32,7 +32,11 @@ class GlomConfig:
     attention_weight: float = 0.1    # residual update: step towards the consensus by this much
     update: str = "residual"         # "residual": e += sum of messages; "average": mean of them
     out_scale: float = 0.01          # every network's output is multiplied by this
-    dropout: float = 0.1             # on each network's input, Q and K
+    # dropout on each network's Q and K (per network and column, as in the seed) and on the state
+    # the networks read: there each state value is dropped once for all the networks and the 9
+    # neighbourhoods that read it; the seed drops separately in every network's 90 inputs of
+    # every column (18x the masks; same rate and mean, but no correlation between neighbours)
+    dropout: float = 0.1
     noise: float = 1e-4              # U[0, noise) added to the whole state each training step
     init_noise: float = 0.1          # initial state U[0, init_noise)
     accumulate: tuple[int, ...] = (2, 4, 8)  # save/re-add the state every steps//k steps
@@ -110,7 +114,8 @@ SEED: dict[str, Any] = dict(
     attention=False,      # ... because the similarity attention it computed was dead code
     update="residual",    # the state grows by the sum of all messages (an NCA update)
     out_scale=0.01,
-    dropout=0.1,          # quirk: never switched off in the seed (we evaluate in eval mode)
+    dropout=0.1,          # quirk: never switched off in the seed (we evaluate in eval mode);
+                          # on the state read, one mask per value, not per network and column
     noise=1e-4,           # NCA-style noise, training only
     init_noise=0.1,
     accumulate=(2, 4, 8),  # "accumulated intermediate states" every 15, 7 and 3 steps

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from glom_mnist import Glom, GlomConfig
-from glom_mnist.model import conv_to_seed_linear, seed_linear_to_conv
-from glom_mnist.seed import glom_from_seed_networks
+import glom_mnist.model as model_module
+from glom_mnist.model import _NetworkTail, conv_to_seed_linear, seed_linear_to_conv
+from glom_mnist.seed import glom_from_seed_networks, seed_file_names
 
 from oracle import SHIFTS, OracleGlom, seed_networks
 
@@ -36,15 +37,113 @@ def test_fast_model_equals_naive_oracle_for_a_full_rollout(height, width):
     assert fast[:, -1].std() > 1e-3                             # a real, non-trivial state
 
 
+def oracle_network(oracle: OracleGlom, seed_file: str) -> torch.nn.Module:
+    """The oracle's network behind a seed file name (`bottom_up_model0`, ...)."""
+    role, index = seed_file.rstrip("0123456789"), int(seed_file[-1])
+    nets = {"bottom_up_model": oracle.bottom_up, "layer_att_model": oracle.lateral,
+            "top_down_model": oracle.top_down}[role]
+    return nets[index]
+
+
+def assert_gradients_equal(model: Glom, oracle: OracleGlom, atol: float = 1e-6) -> None:
+    """Every parameter gradient of every network, fast model against oracle."""
+    for r, name in enumerate(seed_file_names(model.cfg)):
+        net = oracle_network(oracle, name)
+        pairs = {"A": (conv_to_seed_linear(model.A.grad[r]), net.Q1.weight.grad),
+                 "a": (model.a.grad[r], net.Q1.bias.grad),
+                 "B": (model.B.grad[r], net.K1.weight.grad), "b": (model.b.grad[r], net.K1.bias.grad),
+                 "C": (model.C.grad[r], net.V1.weight.grad), "c": (model.c.grad[r], net.V1.bias.grad)}
+        for key, (fast, slow) in pairs.items():
+            assert torch.allclose(fast, slow, atol=atol, rtol=1e-4), (name, key, (fast - slow).abs().max())
+
+
 def test_gradients_equal_the_oracles():
     fast, slow, model, oracle, _ = run_both(8, 8, steps=6)
     target = torch.rand_like(fast[:, -1])
     F.mse_loss(fast[:, -1], target).backward()
     F.mse_loss(slow[:, -1], target).backward()
-    grad_A = conv_to_seed_linear(model.A.grad[0])                # route 0 is bottom_up[0]
-    assert torch.allclose(grad_A, oracle.bottom_up[0].Q1.weight.grad, atol=1e-6)
-    last_td = len(model.routes) - 1                               # the last route is top_down[1]
-    assert torch.allclose(model.C.grad[last_td], oracle.top_down[1].V1.weight.grad, atol=1e-6)
+    assert_gradients_equal(model, oracle)
+
+
+class _KeepAll(torch.nn.Module):
+    """Dropout that happened to keep every element: x / (1 - p)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / (1 - self.p)
+
+
+def test_training_rollout_equals_the_oracle_when_dropout_keeps_everything(monkeypatch):
+    """Training mode with masks of ones on both sides: what is left of dropout is inverted
+    dropout's 1/(1-p), which the fast model folds into its weights. Rollout and every gradient
+    must equal the oracle's."""
+    torch.manual_seed(0)
+    p, steps = 0.25, 5
+    oracle = OracleGlom(steps=steps, dropout=p, noise=0.0).train()
+    for net in [*oracle.bottom_up, *oracle.lateral, *oracle.top_down]:
+        net.drop = _KeepAll(p)
+    cfg = GlomConfig.preset("seed", height=7, width=6, steps=steps, dropout=p, noise=0.0)
+    model = glom_from_seed_networks(seed_networks(oracle), cfg).train()
+    monkeypatch.setattr(model_module, "_keep_mask", lambda x, p: torch.ones_like(x))
+    images = torch.randn(2, 1, 7, 6)
+    init = model.initial_state(images)
+    fast = model.rollout(init, steps)
+    slow = oracle(images, init=init.permute(0, 3, 4, 1, 2)).permute(0, 3, 4, 1, 2)
+    assert torch.allclose(fast, slow, atol=1e-5, rtol=0), (fast - slow).abs().max()
+    target = torch.rand_like(fast[:, -1])
+    F.mse_loss(fast[:, -1], target).backward()
+    F.mse_loss(slow[:, -1], target).backward()
+    assert_gradients_equal(model, oracle)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_network_tail_backward_is_the_gradient_of_its_forward(masked):
+    """_NetworkTail's hand-written backward against numerical gradients (float64), and its
+    forward against the plain expression with tanh."""
+    torch.manual_seed(0)
+    N, R, D, P = 2, 3, 4, 5
+    Q = torch.randn(N, R, D, P, dtype=torch.float64, requires_grad=True)
+    W1, W2 = (torch.randn(R, D, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    b1, b2 = (torch.randn(R, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    m1, m2 = ((torch.rand(N, R, D, P, dtype=torch.float64) > 0.3).double() if masked else None
+              for _ in range(2))
+    inputs = (Q, W1, b1, W2, b2, m1, m2)
+    assert torch.autograd.gradcheck(_NetworkTail.apply, inputs)
+    one = torch.ones_like(Q)
+    K = torch.tanh(W1 @ (Q * (one if m1 is None else m1)) / 2 + b1[..., None] / 2) + Q
+    V = torch.tanh(W2 @ (K * (one if m2 is None else m2)) / 2 + b2[..., None] / 2) + Q + K
+    assert torch.allclose(_NetworkTail.apply(*inputs), V, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_masks_drop_at_rate_p_in_every_16_bit_field(p):
+    """Masks are 0s and 1s, dropping at rate round(p * 2**16) / 2**16 overall and in each of
+    the four 16-bit fields of a 64-bit draw (a field that missed its sign bit would drop at
+    rate 0 or 1 there)."""
+    torch.manual_seed(0)
+    x = torch.zeros(4 * 100_000, requires_grad=True)
+    mask = model_module._keep_mask(x, p)
+    assert mask.dtype == x.dtype and not mask.requires_grad
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    rate = round(p * 2**16) / 2**16
+    per_field = 1 - mask.view(-1, 4).mean(0)                      # drop rate of each field
+    sigma = (rate * (1 - rate) / 100_000) ** 0.5
+    assert ((per_field - rate).abs() < 5 * sigma).all(), per_field
+    odd = model_module._keep_mask(torch.zeros(3, 5, 7), p)         # any shape, any size
+    assert odd.shape == (3, 5, 7)
+
+
+def test_training_noise_is_uniform_over_zero_to_high():
+    torch.manual_seed(0)
+    high = 1e-4
+    noise = model_module._uniform_like(torch.zeros(400_000), high)
+    assert noise.min() >= 0 and noise.max() < high
+    assert abs(noise.mean().item() - high / 2) < 0.01 * high               # sd of mean 4.6e-4 high
+    assert abs(noise.var().item() - high**2 / 12) < 0.02 * high**2 / 12
+    assert noise.unique().numel() > 60_000                                  # 65,536 bins, all used
 
 
 def test_conv_layout_is_the_seeds_roll_and_concatenate():
