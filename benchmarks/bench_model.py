@@ -26,8 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
-def child(impl: str, mode: str, batch: int, steps: int, iterations: int, device: str) -> dict:
-    """One measurement: `iterations` timed runs after one warm-up, in this process."""
+def child(impl: str, mode: str, batch: int, steps: int, iterations: int, warmup: int,
+          dropout: float, device: str) -> dict:
+    """One measurement: the median of `iterations` timed runs after `warmup` untimed ones, in
+    this process."""
     import torch
     import torch.nn.functional as F
 
@@ -41,7 +43,7 @@ def child(impl: str, mode: str, batch: int, steps: int, iterations: int, device:
     if impl == "oracle":
         if dev.type != "cpu":
             raise SystemExit("the oracle is CPU-only (it creates its tensors on the CPU)")
-        model = OracleGlom(steps=steps)
+        model = OracleGlom(steps=steps, dropout=dropout)
 
         def loss_fn():
             return oracle_loss(model, images, labels)
@@ -50,7 +52,7 @@ def child(impl: str, mode: str, batch: int, steps: int, iterations: int, device:
             return model(images)
     else:  # "fast"; "fast-bf16": under bfloat16 autocast (CUDA only); "fast-compiled": its
         # steps through torch.compile (the warm-up run compiles)
-        model = Glom(GlomConfig.preset("seed", steps=steps)).to(dev)
+        model = Glom(GlomConfig.preset("seed", steps=steps, dropout=dropout)).to(dev)
         if impl == "fast-compiled":
             model.compile_steps()
         if impl == "fast-bf16" and dev.type != "cuda":
@@ -89,7 +91,8 @@ def child(impl: str, mode: str, batch: int, steps: int, iterations: int, device:
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss     # after setup, in KiB
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    run()                                                   # warm-up
+    for _ in range(warmup):  # the first iterations also grow the heap (page faults): untimed
+        run()
     sync()
     times = []
     for _ in range(iterations):
@@ -107,7 +110,7 @@ def child(impl: str, mode: str, batch: int, steps: int, iterations: int, device:
 def measure(args: argparse.Namespace, impl: str, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--child", impl, mode, "--batch", str(args.batch),
            "--steps", str(args.steps), "--iterations", str(args.iterations),
-           "--device", args.device]
+           "--warmup", str(args.warmup), "--dropout", str(args.dropout), "--device", args.device]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -125,7 +128,16 @@ def compare(summary: dict, base: str, new: str, key: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="alternating rounds")
-    parser.add_argument("--iterations", type=int, default=1, help="timed runs per child")
+    parser.add_argument("--iterations", type=int, default=3, help="timed runs per child (median)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed runs per child first: on the 2-core CPU the second training "
+                             "iteration still took up to 3x the steady state (the C library "
+                             "growing its heap, page faults), the third no longer")
+    parser.add_argument("--dropout", type=float, default=0.1,
+                        help="the seed's 0.1, or 0 to compare the same computation: the fast "
+                             "model drops each state value once for all the networks and "
+                             "neighbourhoods that read it, the seed (and the oracle) "
+                             "separately in each network's 90 inputs of each column")
     parser.add_argument("--batch", type=int, default=60)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the oracle is CPU-only)")
@@ -138,7 +150,8 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.batch, args.steps, args.iterations, args.device)))
+        print(json.dumps(child(*args.child, args.batch, args.steps, args.iterations, args.warmup,
+                               args.dropout, args.device)))
         return
 
     impls = ((["fast"] if args.only_fast else ["oracle", "fast"])
@@ -154,14 +167,15 @@ def main() -> None:
 
     import torch  # for the summary only; each child measures its own time and memory
 
-    summary: dict = {"batch": args.batch, "steps": args.steps, "device": args.device,
+    summary: dict = {"batch": args.batch, "steps": args.steps, "dropout": args.dropout,
+                     "iterations": args.iterations, "warmup": args.warmup, "device": args.device,
                      "machine": platform.processor() or platform.machine(),
                      "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                      "threads": torch.get_num_threads(),  # the children's too: same environment
                      "torch": torch.__version__,
                      "repeats": args.repeats, "command": " ".join(sys.argv)}
-    print(f"\nbatch {args.batch}, {args.steps} steps, {args.device}; median over "
-          f"{args.repeats} alternating rounds")
+    print(f"\nbatch {args.batch}, {args.steps} steps, dropout {args.dropout}, {args.device}; "
+          f"median over {args.repeats} alternating rounds of {args.iterations} runs")
     print(f"{'':20s}{'s/iter':>10s}{'images/s':>10s}{'peak MB':>10s}")
     for (impl, mode), ms in results.items():
         sec = statistics.median(m["seconds"] for m in ms)
