@@ -32,6 +32,8 @@ from torch import nn
 from .config import GlomConfig
 
 
+# Glom.compile_steps checked equal to the eager model (gradients too) from this torch version
+COMPILE_MIN_TORCH = (2, 14)
 # inference on a CPU rolls out this many state values at a time (Glom.inference_chunk)
 INFERENCE_CHUNK_VALUES = 8 * 4 * 10 * 28 * 28
 
@@ -139,11 +141,15 @@ class _NetworkTail(torch.autograd.Function):
         s2 = torch.matmul(W2, Km).add_(b2[..., None]).sigmoid_()
         V = torch.add(Q, K).add_(s2, alpha=2.0).sub_(1.0)               # Q + K + tanh(C Km + c)
         ctx.save_for_backward(Qm, Km, s1, s2, W1, W2, m1, m2)
+        ctx.weight_dtype = W1.dtype
         return V
 
     @staticmethod
     def backward(ctx, gV):
         Qm, Km, s1, s2, W1, W2, m1, m2 = ctx.saved_tensors
+        # under autocast the activations (and gV) are bfloat16 and the weights float32: the
+        # products run in the activations' dtype, as autocast ran the forward's
+        W1, W2 = W1.to(gV.dtype), W2.to(gV.dtype)
         # V = Q + K + 2 sigmoid(a2) - 1 with a2 = W2 Km + b2: dV/da2 = 2 g2 below
         g2 = torch.ops.aten.sigmoid_backward(gV, s2)
         gW2, gb2 = _weight_grads(g2, Km)
@@ -154,7 +160,8 @@ class _NetworkTail(torch.autograd.Function):
         gQm = torch.matmul(W1.transpose(-1, -2) * 2.0, g1)
         gQ = torch.add(gV, gK)                                          # Q's three paths
         gQ = gQ.add_(gQm) if m1 is None else gQ.addcmul_(gQm, m1)
-        return gQ, gW1, gb1, gW2, gb2, None, None
+        weights = (g.to(ctx.weight_dtype) for g in (gW1, gb1, gW2, gb2))
+        return gQ, *weights, None, None
 
 
 def _weight_grads(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,6 +231,13 @@ class Glom(nn.Module):
         a few loops; the convolutions stay library calls). The first rollout compiles, taking
         a minute or so on a CPU, and needs a C++ compiler there. The same maths: tests compare the
         compiled rollout and its gradients with the eager one. Returns the model."""
+        version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+        if version < COMPILE_MIN_TORCH:
+            raise RuntimeError(
+                f"compile_steps needs torch {'.'.join(map(str, COMPILE_MIN_TORCH))} or newer "
+                f"(requirements.lock pins it), found {torch.__version__}: on torch 2.11 the "
+                "compiled steps' gradients differed from the eager model's "
+                "(resume/gpu_sessions/session3.log); run without compiling")
         if self.A.device.type == "cpu" and not any(
                 shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c):
             raise RuntimeError("compiling on a CPU needs a C++ compiler (g++ or clang++, or $CXX) "

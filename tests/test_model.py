@@ -316,6 +316,12 @@ def test_compiled_steps_give_the_eager_rollout_and_gradients(preset):
         torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4)
 
 
+def test_compiling_on_a_torch_older_than_checked_is_refused(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    with pytest.raises(RuntimeError, match="needs torch 2.14 or newer.*found 2.11.0"):
+        Glom(GlomConfig.preset("seed", height=4, width=4, steps=1)).compile_steps()
+
+
 def test_compiling_without_a_cpp_compiler_says_what_is_missing(monkeypatch):
     monkeypatch.setattr("glom_mnist.model.shutil.which", lambda name: None)
     with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
@@ -345,3 +351,23 @@ def test_inference_in_chunks_gives_the_whole_batchs_result(preset, monkeypatch):
         torch.testing.assert_close(results[True, return_all], results[False, return_all],
                                    atol=1e-6, rtol=1e-6)
     assert results[True, True].shape == (6, 8, 4, 10, 6, 5)
+
+
+def test_training_under_bfloat16_autocast_gives_float32_gradients_close_to_float32s():
+    """Autocast (as `train --amp` uses on a GPU; here the CPU's) runs the networks in bfloat16
+    while the weights and their gradients stay float32; the gradients point where float32's do."""
+    torch.manual_seed(0)
+    cfg = GlomConfig.preset("seed", height=6, width=6, steps=3, dropout=0.0, noise=0.0)
+    model = Glom(cfg).train()
+    images = torch.randn(2, 1, 6, 6)
+    init = model.initial_state(images)
+    target = torch.rand(2, 10, 6, 6)
+    grads = {}
+    for amp in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            top = model.rollout(init, cfg.steps)[:, -1].float()
+        F.mse_loss(top, target).backward()
+        grads[amp] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert grads[True].dtype == torch.float32 and torch.isfinite(grads[True]).all()
+    assert F.cosine_similarity(grads[True], grads[False], dim=0) > 0.99
