@@ -1,6 +1,7 @@
 """Where the fast model's CPU time goes: the measurements behind README "Speed and memory".
 
     python benchmarks/cpu_diagnostics.py --json benchmarks/results/cpu_diagnostics.json
+    python benchmarks/cpu_diagnostics.py --parts profile --json benchmarks/results/cpu_profile_tail.json
 
 - eval: evaluation throughput of a checkpoint on the first N test images, fed in batches of
   60 and 500 and rolled out whole or in chunks (`Glom.inference_chunk`), with the process's
@@ -94,6 +95,7 @@ def profile_child() -> dict:
 
     iteration = train_iteration(0)
     iteration()
+    iteration()            # a second warm-up: the heap can still grow (page faults) in the second
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         iteration()
     events = prof.key_averages()
@@ -113,6 +115,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=str(ROOT / "best_models" / "glom_seed_hard.pt"))
     parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--parts", default="eval,train,profile",
+                        help="which measurements, comma-separated (eval, train, profile)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -125,22 +129,24 @@ def main() -> None:
     summary: dict = {"command": " ".join(["python", "benchmarks/cpu_diagnostics.py"] + sys.argv[1:]),
                      "checkpoint": args.checkpoint, "images": args.images,
                      "eval": [], "train": []}
-    for batch in (500, 60):
+    parts = set(args.parts.split(","))
+    for batch in (500, 60) if "eval" in parts else ():
         for chunk in (0, 8):
             r = run_child("eval", args.checkpoint, str(batch), str(chunk), str(args.images))
             summary["eval"].append(r)
             print(f"eval  batch {batch:3d}, chunk {str(r['chunk']):5s}: {r['images_per_s']:6.1f} "
                   f"images/s, user {r['user_s']:5.1f} s, sys {r['sys_s']:5.1f} s", flush=True)
-    for chunk in (0, 30, 10):
+    for chunk in (0, 30, 10) if "train" in parts else ():
         r = run_child("train", str(chunk))
         summary["train"].append(r)
         print(f"train chunk {str(r['chunk']):5s}: {r['seconds']:5.2f} s/iteration, "
               f"user {r['user_s']:5.1f} s, sys {r['sys_s']:4.1f} s", flush=True)
-    summary["profile"] = run_child("profile")
-    print(f"profile of one training iteration ({summary['profile']['total_ms']:.0f} ms with "
-          "the profiler's overhead):")
-    for name, share in summary["profile"]["self_cpu_share"].items():
-        print(f"  {name:40s} {share:6.1%}")
+    if "profile" in parts:
+        summary["profile"] = run_child("profile")
+        print(f"profile of one training iteration ({summary['profile']['total_ms']:.0f} ms with "
+              "the profiler's overhead):")
+        for name, share in summary["profile"]["self_cpu_share"].items():
+            print(f"  {name:40s} {share:6.1%}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -63,9 +63,10 @@ def _uniform(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
 
 def _random_fields(x: torch.Tensor) -> torch.Tensor:
     """Independent uniform 16-bit integers in [-2**15, 2**15), int16, shaped like x: four per
-    64-bit draw of x's device's generator. On the 2-core CPU measured, torch.rand (one 32-bit draw
-    per element, then a conversion) took several times as long; the rollout's dropout masks
-    and noise need ~11 million random numbers per step of a seed training batch."""
+    64-bit draw of x's device's generator. The rollout's dropout masks and noise need ~11
+    million random numbers per step of a seed training batch; a keep-mask made from these took
+    a third of the time of one from torch.rand (one 32-bit draw per element) and a fifth of
+    bernoulli_'s on the 2-core CPU (benchmarks/step_variants.py)."""
     n = x.numel()
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
     return words.view(torch.int16)[:n].view(x.shape)
@@ -76,7 +77,7 @@ def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     An element is dropped when its 16-bit field falls in the lowest round(p * 2**16) values, so
     with probability round(p * 65536) / 65536 (0.100006 for the seed's 0.1)."""
     keep = torch.empty_like(x, memory_format=torch.contiguous_format)  # written as 0s and 1s
-    return torch.ge(_random_fields(x), round(p * 2**16) - 2**15, out=keep)  # (not via bool: 2x)
+    return torch.ge(_random_fields(x), round(p * 2**16) - 2**15, out=keep)  # no bool pass
 
 
 def _uniform_like(x: torch.Tensor, high: float) -> torch.Tensor:
@@ -124,7 +125,7 @@ class _NetworkTail(torch.autograd.Function):
     `K = tanh(B (Q m1) + b) + Q`, `V = tanh(C (K m2) + c) + Q + K`, returning V `(N, R, D, P)`.
 
     Written out with its own backward: it saves only what the gradients read and folds the
-    dropout masks into the gradient sums, ~6 passes over the network activations fewer per step
+    dropout masks into the gradient sums, fewer passes over the network activations per step
     than autograd's graph of the same expression. tanh(u) is computed as 2 sigmoid(2u) - 1, with
     the 2 of 2u in the weights: the caller passes `W1 = 2 B`, `b1 = 2 b`, `W2 = 2 C`, `b2 = 2 c`
     (dropout's 1/(1-p) folded in as well), so that each layer is one product, a bias, an in-place
@@ -275,9 +276,11 @@ class Glom(nn.Module):
         level; see __init__). Measured on a CPU, this is faster than R grouped convolutions (one
         per network, each level copied once per reader) and than one dense convolution whose
         weight is zero outside each network's source level (4x the multiply-adds for the seed).
-        Their 10x10 layers are one batched matrix product each (`(R, D, D) @ (B, R, D, H*W)`),
-        measured 2x faster to train through than the same map as a grouped 1x1 convolution
-        (`_NetworkTail`). Dropout's masks on Q and K are drawn here, one per network and column.
+        Their 10x10 layers are one batched matrix product each (`(R, D, D) @ (B, R, D, H*W)`)
+        inside `_NetworkTail`, whose hand-written backward made a training iteration 8% faster
+        than the same products, or grouped 1x1 convolutions, through autograd (the two of which
+        were equally fast; benchmarks/step_variants.py). Dropout's masks on Q and K are drawn
+        here, one per network and column.
         """
         B, L, D, H, W = levels.shape
         R = len(self.routes)
