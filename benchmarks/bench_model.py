@@ -181,7 +181,8 @@ def main() -> None:
         sec = statistics.median(m["seconds"] for m in ms)
         peak = max(m["peak_mb"] for m in ms)
         summary[f"{impl}_{mode}"] = {"seconds": sec, "images_per_s": args.batch / sec,
-                                     "peak_mb": peak}
+                                     "peak_mb": peak,
+                                     "rounds_seconds": [m["seconds"] for m in ms]}
         print(f"{impl + ' ' + mode:20s}{sec:10.3f}{args.batch / sec:10.1f}{peak:10.0f}")
     if not args.only_fast:
         compare(summary, "oracle", "fast", "")
