@@ -388,7 +388,11 @@ def lineage_log(checkpoint: str | Path) -> list[dict[str, Any]]:
         for row in training["log"]:
             rows.append({**row, "iteration": row["iteration"] + iteration,
                          "wall": row["wall"] + wall, "stage": stage, "loss_kind": kind})
-        iteration, wall = iteration + training["iteration"], wall + training["wall"]
+        # the next run's clock starts where this one ended, and never before its last logged
+        # row: rows keep 2 decimals of wall time, so a short run's last row can be rounded up
+        # past its exact total
+        iteration = iteration + training["iteration"]
+        wall = max(wall + training["wall"], rows[-1]["wall"] if rows else 0.0)
     return rows
 
 

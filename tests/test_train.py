@@ -211,6 +211,32 @@ def test_init_may_switch_on_what_owns_no_weights(tmp_path, capsys):
     assert read_checkpoint(tmp_path / "second" / "last.pt")["config"]["attention"] is True
 
 
+def test_lineage_wall_time_never_runs_backwards_across_runs(tmp_path):
+    """Log rows keep 2 decimals of wall time: a parent whose last row was rounded up past its
+    exact total must not make its child's first rows look earlier (a CI run hit this once the
+    training step got faster)."""
+    from glom_mnist.checkpoint import atomic_save
+    from glom_mnist.train import lineage_log
+
+    images, labels, *_ = synthetic(8)
+    Trainer(tiny_cfg(tmp_path, "first"), images, labels, images, labels).fit(progress=False)
+    second = Trainer(tiny_cfg(tmp_path, "second", iterations=2,
+                              init=str(tmp_path / "first" / "last.pt")), images, labels, images, labels)
+    second.fit(progress=False)
+    parent = read_checkpoint(tmp_path / "first" / "last.pt")
+    rows = parent["training"]["log"]
+    for i, row in enumerate(rows, start=1):                           # its last row: 0.03 ...
+        row["wall"] = round(0.03 * i / len(rows), 2)
+    parent["training"]["wall"] = 0.0279                               # ... rounded up from this
+    atomic_save(parent, tmp_path / "first" / "last.pt")
+    child = read_checkpoint(tmp_path / "second" / "last.pt")
+    for i, row in enumerate(child["training"]["log"]):                # a very quick first row
+        row["wall"] = 0.01 * i
+    atomic_save(child, tmp_path / "second" / "last.pt")
+    walls = [r["wall"] for r in lineage_log(tmp_path / "second" / "last.pt")]
+    assert walls == sorted(walls), walls
+
+
 def test_lineage_log_chains_a_fine_tuned_run_after_its_parent(tmp_path):
     from glom_mnist import plots
     from glom_mnist.train import export_run, lineage_log, read_log_csv, write_log_csv
