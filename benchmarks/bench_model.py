@@ -27,7 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def child(impl: str, mode: str, batch: int, steps: int, iterations: int, warmup: int,
-          dropout: float, device: str) -> dict:
+          dropout: float, input_dropout: str, device: str) -> dict:
     """One measurement: the median of `iterations` timed runs after `warmup` untimed ones, in
     this process."""
     import torch
@@ -52,7 +52,8 @@ def child(impl: str, mode: str, batch: int, steps: int, iterations: int, warmup:
             return model(images)
     else:  # "fast"; "fast-bf16": under bfloat16 autocast (CUDA only); "fast-compiled": its
         # steps through torch.compile (the warm-up run compiles)
-        model = Glom(GlomConfig.preset("seed", steps=steps, dropout=dropout)).to(dev)
+        model = Glom(GlomConfig.preset("seed", steps=steps, dropout=dropout,
+                                       input_dropout=input_dropout)).to(dev)
         if impl == "fast-compiled":
             model.compile_steps()
         if impl == "fast-bf16" and dev.type != "cuda":
@@ -110,7 +111,8 @@ def child(impl: str, mode: str, batch: int, steps: int, iterations: int, warmup:
 def measure(args: argparse.Namespace, impl: str, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--child", impl, mode, "--batch", str(args.batch),
            "--steps", str(args.steps), "--iterations", str(args.iterations),
-           "--warmup", str(args.warmup), "--dropout", str(args.dropout), "--device", args.device]
+           "--warmup", str(args.warmup), "--dropout", str(args.dropout),
+           "--input-dropout", args.input_dropout, "--device", args.device]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -137,7 +139,10 @@ def main() -> None:
                         help="the seed's 0.1, or 0 to compare the same computation: the fast "
                              "model drops each state value once for all the networks and "
                              "neighbourhoods that read it, the seed (and the oracle) "
-                             "separately in each network's 90 inputs of each column")
+                             "separately in each network's 90 inputs of each column, as the fast "
+                             "model does with --input-dropout per_network")
+    parser.add_argument("--input-dropout", default="shared", choices=("shared", "per_network"),
+                        help="the fast model's dropout on the state it reads (GlomConfig)")
     parser.add_argument("--batch", type=int, default=60)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the oracle is CPU-only)")
@@ -151,7 +156,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, args.batch, args.steps, args.iterations, args.warmup,
-                               args.dropout, args.device)))
+                               args.dropout, args.input_dropout, args.device)))
         return
 
     impls = ((["fast"] if args.only_fast else ["oracle", "fast"])
@@ -168,6 +173,7 @@ def main() -> None:
     import torch  # for the summary only; each child measures its own time and memory
 
     summary: dict = {"batch": args.batch, "steps": args.steps, "dropout": args.dropout,
+                     "input_dropout": args.input_dropout,
                      "iterations": args.iterations, "warmup": args.warmup, "device": args.device,
                      "machine": platform.processor() or platform.machine(),
                      "cpu_capability": torch.backends.cpu.get_cpu_capability(),

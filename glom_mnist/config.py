@@ -11,6 +11,7 @@ from typing import Any
 
 ROLES = ("bottom_up", "lateral", "top_down")
 UPDATES = ("residual", "average")
+INPUT_DROPOUTS = ("shared", "per_network")
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,14 @@ class GlomConfig:
     attention_weight: float = 0.1    # residual update: step towards the consensus by this much
     update: str = "residual"         # "residual": e += sum of messages; "average": mean of them
     out_scale: float = 0.01          # every network's output is multiplied by this
-    # dropout on each network's Q and K (per network and column, as in the seed) and on the state
-    # the networks read: there each state value is dropped once for all the networks and the 9
-    # neighbourhoods that read it; the seed drops separately in every network's 90 inputs of
-    # every column (18x the masks; same rate and mean, but no correlation between neighbours)
+    # dropout on each network's Q and K (per network and column, as in the seed) and on the
+    # state the networks read, there as input_dropout says:
     dropout: float = 0.1
+    # "shared": each state value dropped once for all the networks and the 9 neighbourhoods that
+    # read it (fast; the same rate and mean as the seed's, but correlated across neighbours);
+    # "per_network": the seed's own, every network's 90 inputs of every column dropped
+    # separately (18x the masks, each tap of the neighbourhood its own product: slow)
+    input_dropout: str = "shared"
     noise: float = 1e-4              # U[0, noise) added to the whole state each training step
     init_noise: float = 0.1          # initial state U[0, init_noise)
     accumulate: tuple[int, ...] = (2, 4, 8)  # save/re-add the state every steps//k steps
@@ -57,6 +61,8 @@ class GlomConfig:
         need(self.num_classes <= self.dim,
              f"num_classes ({self.num_classes}) must be <= dim ({self.dim}): the top level votes")
         need(self.update in UPDATES, f"update must be one of {UPDATES}, got {self.update!r}")
+        need(self.input_dropout in INPUT_DROPOUTS,
+             f"input_dropout must be one of {INPUT_DROPOUTS}, got {self.input_dropout!r}")
         for name in ("dropout",):
             need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("noise", "init_noise", "accumulate_scale", "attention_weight", "out_scale"):
@@ -114,8 +120,8 @@ SEED: dict[str, Any] = dict(
     attention=False,      # ... because the similarity attention it computed was dead code
     update="residual",    # the state grows by the sum of all messages (an NCA update)
     out_scale=0.01,
-    dropout=0.1,          # quirk: never switched off in the seed (we evaluate in eval mode);
-                          # on the state read, one mask per value, not per network and column
+    dropout=0.1,          # quirk: never switched off in the seed (we evaluate in eval mode)
+    input_dropout="shared",  # NOT the seed's: "per_network" is (exact, several times slower)
     noise=1e-4,           # NCA-style noise, training only
     init_noise=0.1,
     accumulate=(2, 4, 8),  # "accumulated intermediate states" every 15, 7 and 3 steps

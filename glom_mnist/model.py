@@ -61,23 +61,24 @@ def _uniform(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
     return torch.empty(shape).uniform_(-bound, bound)
 
 
-def _random_fields(x: torch.Tensor) -> torch.Tensor:
+def _random_fields(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Independent uniform 16-bit integers in [-2**15, 2**15), int16, shaped like x: four per
     64-bit draw of x's device's generator. The rollout's dropout masks and noise need ~11
     million random numbers per step of a seed training batch; a keep-mask made from these took
     a third of the time of one from torch.rand (one 32-bit draw per element) and a fifth of
     bernoulli_'s on the 2-core CPU (benchmarks/step_variants.py)."""
     n = x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
+    words.random_(-2**63, None, generator=generator)
     return words.view(torch.int16)[:n].view(x.shape)
 
 
-def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+def _keep_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Dropout's mask for `x`: 1 where an element is kept, 0 where it is dropped, in x's dtype.
     An element is dropped when its 16-bit field falls in the lowest round(p * 2**16) values, so
     with probability round(p * 65536) / 65536 (0.100006 for the seed's 0.1)."""
     keep = torch.empty_like(x, memory_format=torch.contiguous_format)  # written as 0s and 1s
-    return torch.ge(_random_fields(x), round(p * 2**16) - 2**15, out=keep)  # no bool pass
+    return torch.ge(_random_fields(x, generator), round(p * 2**16) - 2**15, out=keep)  # no bool
 
 
 def _uniform_like(x: torch.Tensor, high: float) -> torch.Tensor:
@@ -171,6 +172,66 @@ def _weight_grads(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch
             g.sum((0, 3)).mul_(2.0))
 
 
+class _MaskedTaps(torch.autograd.Function):
+    """Every network's first layer before its tanh, with the seed's dropout on its inputs:
+    `Q = a + sum over taps t of A_t (source shifted to t, times its own mask)`, `(B, R, D, H*W)`.
+    source `(B, R, D, H, W)`: each network's source level; A `(R, D, D, k, k)` (dropout's 1/(1-p)
+    folded in), a `(R, D)`. The masks (one per network, column, tap and channel: 9x the state
+    per network) come from a generator seeded with `seed` and are drawn again in the backward
+    pass rather than kept, so the memory is that of one masked tap at a time."""
+
+    @staticmethod
+    def taps(source, k, p, seed):
+        """The circularly padded source, then (i, j, the source at tap (i, j) as a view of it,
+        its mask `(B, R, D, H, W)`) for each tap, masks drawn in order."""
+        B, R, D, H, W = source.shape
+        padded = _circular_pad(source, k // 2)
+        yield padded
+        generator = torch.Generator(device=source.device)
+        generator.manual_seed(seed)
+        for i in range(k):
+            for j in range(k):          # tap (i, j) reads the neighbour at offset (i - r, j - r)
+                tap = padded[..., i:i + H, j:j + W]
+                yield i, j, tap, _keep_mask(tap, p, generator)
+
+    @staticmethod
+    def forward(ctx, source, A, a, p, seed):
+        B, R, D, H, W = source.shape
+        ctx.save_for_backward(source, A)
+        ctx.p, ctx.seed = p, seed
+        Q = a[:, :, None].expand(B, R, D, H * W).clone()
+        taps = _MaskedTaps.taps(source, A.shape[-1], p, seed)
+        next(taps)
+        for i, j, tap, mask in taps:
+            A_t = A[..., i, j].expand(B, R, D, D).reshape(B * R, D, D)
+            Q.view(B * R, D, H * W).baddbmm_(A_t, mask.mul_(tap).view(B * R, D, H * W))
+        return Q
+
+    @staticmethod
+    def backward(ctx, gQ):
+        source, A = ctx.saved_tensors
+        B, R, D, H, W = source.shape
+        gA = torch.zeros_like(A)
+        taps = _MaskedTaps.taps(source, A.shape[-1], ctx.p, ctx.seed)
+        g_padded = torch.zeros_like(next(taps))
+        for i, j, tap, mask in taps:
+            gA[..., i, j] = torch.matmul(gQ, (tap * mask).view(B, R, D, H * W)
+                                         .transpose(-1, -2)).sum(0)
+            g_tap = torch.matmul(A[..., i, j].transpose(-1, -2), gQ).view(B, R, D, H, W)
+            g_padded[..., i:i + H, j:j + W].addcmul_(g_tap, mask)
+        with torch.enable_grad():                 # the padding's own backward folds the halo
+            x = source.detach().requires_grad_()
+            (g_source,) = torch.autograd.grad(_circular_pad(x, A.shape[-1] // 2), x, g_padded)
+        return g_source, gA, gQ.sum((0, 3)), None, None
+
+
+def _circular_pad(x: torch.Tensor, r: int) -> torch.Tensor:
+    """`(..., C, H, W)` -> `(..., C, H + 2r, W + 2r)`, wrapping around (the torus)."""
+    *lead, C, H, W = x.shape
+    return F.pad(x.reshape(-1, C, H, W), (r,) * 4, mode="circular").view(*lead, C, H + 2 * r,
+                                                                          W + 2 * r)
+
+
 def column_votes(levels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Each column's class: argmax of the first num_classes channels of its top-level vector.
     `(..., L, D, H, W)` -> `(..., H, W)`."""
@@ -213,6 +274,8 @@ class Glom(nn.Module):
         self.slots = max((source.count(l) for l in range(L)), default=0)
         slot = torch.tensor([src * self.slots + i for src, i in zip(source, rank)], dtype=torch.long)
         self.register_buffer("route_slot", slot, persistent=False)                # (R,)
+        self.register_buffer("route_source", torch.tensor(source, dtype=torch.long),
+                             persistent=False)                                   # (R,)
         # delta at level l = sum of the outputs of the networks whose target is l
         target = torch.tensor([t for *_, t in self.routes], dtype=torch.long)
         self.register_buffer("route_target", target, persistent=False)           # (R,)
@@ -252,6 +315,8 @@ class Glom(nn.Module):
         """Every network's first layer, `Q = tanh(A x + a)` over its source level's k x k torus
         neighbourhood (dropout on x while training): `(B, R, D, H, W)`, network r in route order.
         One circular convolution for all R (see `network_messages`)."""
+        if self.training and self.cfg.dropout > 0 and self.cfg.input_dropout == "per_network":
+            return self.first_layer_per_network(levels)
         B, L, D, H, W = levels.shape
         R, S, k = len(self.routes), self.slots, self.cfg.kernel
         A = self.A.new_zeros(L * S, D, D, k, k).index_copy(0, self.route_slot,
@@ -261,6 +326,17 @@ class Glom(nn.Module):
         x = F.pad(x, (k // 2,) * 4, mode="circular")
         Q = F.conv2d(x, A.reshape(L * S * D, D, k, k), a.reshape(-1), groups=L)  # (B, L*S*D, H, W)
         return _tanh(Q.view(B, L * S, D, H, W).index_select(1, self.route_slot)).view(B, R, D, H, W)
+
+    def first_layer_per_network(self, levels: torch.Tensor) -> torch.Tensor:
+        """`first_layer` with the seed's own input dropout (`input_dropout="per_network"`, in
+        training): every network's k*k*D inputs of every column get their own mask, as when the
+        seed drops out each network's concatenated neighbourhood (`_MaskedTaps`)."""
+        B, L, D, H, W = levels.shape
+        R = len(self.routes)
+        source = levels.index_select(1, self.route_source).view(B, R, D, H, W)
+        seed = int(torch.randint(0, 2**62, (), device=levels.device))  # for _MaskedTaps' masks
+        Q = _MaskedTaps.apply(source, self.A * self.dropout_scale(), self.a, self.cfg.dropout, seed)
+        return _tanh(Q).view(B, R, D, H, W)
 
     def dropout_scale(self) -> float:
         """Inverted dropout's 1/(1-p) while training (1 otherwise), applied to the weights that

@@ -76,7 +76,9 @@ class _KeepAll(torch.nn.Module):
         return x / (1 - self.p)
 
 
-def test_training_rollout_equals_the_oracle_when_dropout_keeps_everything(monkeypatch):
+@pytest.mark.parametrize("input_dropout", ["shared", "per_network"])
+def test_training_rollout_equals_the_oracle_when_dropout_keeps_everything(monkeypatch,
+                                                                          input_dropout):
     """Training mode with masks of ones on both sides: what is left of dropout is inverted
     dropout's 1/(1-p), which the fast model folds into its weights. Rollout and every gradient
     must equal the oracle's."""
@@ -85,9 +87,11 @@ def test_training_rollout_equals_the_oracle_when_dropout_keeps_everything(monkey
     oracle = OracleGlom(steps=steps, dropout=p, noise=0.0).train()
     for net in [*oracle.bottom_up, *oracle.lateral, *oracle.top_down]:
         net.drop = _KeepAll(p)
-    cfg = GlomConfig.preset("seed", height=7, width=6, steps=steps, dropout=p, noise=0.0)
+    cfg = GlomConfig.preset("seed", height=7, width=6, steps=steps, dropout=p, noise=0.0,
+                            input_dropout=input_dropout)
     model = glom_from_seed_networks(seed_networks(oracle), cfg).train()
-    monkeypatch.setattr(model_module, "_keep_mask", lambda x, p: torch.ones_like(x))
+    monkeypatch.setattr(model_module, "_keep_mask",
+                        lambda x, p, generator=None: torch.ones_like(x))
     images = torch.randn(2, 1, 7, 6)
     init = model.initial_state(images)
     fast = model.rollout(init, steps)
@@ -97,6 +101,60 @@ def test_training_rollout_equals_the_oracle_when_dropout_keeps_everything(monkey
     F.mse_loss(fast[:, -1], target).backward()
     F.mse_loss(slow[:, -1], target).backward()
     assert_gradients_equal(model, oracle)
+
+
+def test_per_network_input_dropout_is_the_seeds_column_by_column(monkeypatch):
+    """input_dropout="per_network": each network's first layer at each column is the seed's
+    Linear(90 -> 10) of the concatenated rolled neighbourhood (SHIFTS order) times its own mask,
+    over 1-p; the masks the model drew are mapped to the seed's (shift, channel) order here,
+    element by element."""
+    torch.manual_seed(0)
+    p, H, W = 0.3, 5, 4
+    cfg = GlomConfig.preset("seed", height=H, width=W, steps=1, dropout=p,
+                            input_dropout="per_network")
+    model = Glom(cfg).train()
+    drawn = []
+    keep_mask = model_module._keep_mask
+
+    def recording(x, p, generator=None):
+        mask = keep_mask(x, p, generator)
+        drawn.append(mask.clone())                                     # (used in place)
+        return mask
+
+    monkeypatch.setattr(model_module, "_keep_mask", recording)
+    levels = torch.randn(2, 4, 10, H, W)
+    with torch.no_grad():
+        Q = model.first_layer(levels)                                # (B, R, D, H, W)
+    assert len(drawn) == 9                                             # one per tap, in order,
+    mask = torch.stack(drawn, 2).reshape(2, 8, 9, 10, H * W)           # and per
+    assert mask.shape == (2, 8, 9, 10, H * W)                          # network, column and channel
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    for r, (_, src, _) in enumerate(model.routes):
+        weight = conv_to_seed_linear(model.A[r].detach())              # the seed's (10, 90)
+        rolled = [levels[:, src].roll(shift, dims=(-2, -1)) for shift in SHIFTS]
+        for b in range(2):
+            for h in range(H):
+                for w in range(W):
+                    x90 = torch.cat([x[b, :, h, w] for x in rolled])
+                    # seed shift (dy, dx) reads offset (-dy, -dx): the model's tap (1-dy, 1-dx)
+                    m90 = torch.cat([mask[b, r, (1 - dy) * 3 + (1 - dx), :, h * W + w]
+                                     for dy, dx in SHIFTS])
+                    want = torch.tanh(weight @ (x90 * m90) / (1 - p) + model.a[r].detach())
+                    assert torch.allclose(Q[b, r, :, h, w], want, atol=1e-5), (r, b, h, w)
+
+
+def test_masked_taps_backward_draws_the_forwards_masks_again():
+    """_MaskedTaps keeps no masks: its backward draws them again from the seeded generator.
+    Numerical gradients (float64) agree only if they are the same masks."""
+    torch.manual_seed(0)
+    source = torch.randn(2, 3, 4, 5, 4, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(3, 4, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda s, A, a: model_module._MaskedTaps.apply(s, A, a, 0.3, 123), (source, A, a))
+    once = model_module._MaskedTaps.apply(source, A, a, 0.3, 123)
+    assert torch.equal(once, model_module._MaskedTaps.apply(source, A, a, 0.3, 123))
+    assert not torch.equal(once, model_module._MaskedTaps.apply(source, A, a, 0.3, 124))
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -263,6 +321,8 @@ def test_config_presets_and_errors():
         GlomConfig(update="mean")
     with pytest.raises(ValueError, match="kernel must be odd"):
         GlomConfig(kernel=4)
+    with pytest.raises(ValueError, match="input_dropout must be one of.*per_network"):
+        GlomConfig(input_dropout="seed")
     with pytest.raises(ValueError, match="unknown field"):
         GlomConfig.from_dict({"levles": 3})
     assert GlomConfig.from_dict(seed.to_dict()) == seed
