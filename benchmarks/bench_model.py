@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from glom_mnist.config import INPUT_DROPOUTS  # noqa: E402
+
 
 def child(impl: str, mode: str, batch: int, steps: int, iterations: int, warmup: int,
           dropout: float, input_dropout: str, device: str) -> dict:
@@ -136,13 +138,11 @@ def main() -> None:
                              "iteration still took up to 3x the steady state (the C library "
                              "growing its heap, page faults), the third no longer")
     parser.add_argument("--dropout", type=float, default=0.1,
-                        help="the seed's 0.1, or 0 to compare the same computation: the fast "
-                             "model drops each state value once for all the networks and "
-                             "neighbourhoods that read it, the seed (and the oracle) "
-                             "separately in each network's 90 inputs of each column, as the fast "
-                             "model does with --input-dropout per_network")
-    parser.add_argument("--input-dropout", default="shared", choices=("shared", "per_network"),
-                        help="the fast model's dropout on the state it reads (GlomConfig)")
+                        help="the seed's 0.1, or 0 to compare the same computation whatever "
+                             "--input-dropout")
+    parser.add_argument("--input-dropout", default="shared", choices=INPUT_DROPOUTS,
+                        help="the fast model's dropout on the state it reads (GlomConfig): "
+                             "per_network is the oracle's (the seed's) own")
     parser.add_argument("--batch", type=int, default=60)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the oracle is CPU-only)")

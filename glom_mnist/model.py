@@ -14,9 +14,9 @@ padding and a group per source level (the same linear map; `seed_linear_to_conv`
 weight layout and tests/test_model.py proves the equality), their 10x10 layers batched matrix
 products with a hand-written backward (`_NetworkTail`); tanh is computed from a sigmoid, measured
 faster on a CPU. Dropout masks and noise come from 16-bit random fields (`_random_fields`).
-One deliberate difference from the seed: dropout on a network's input drops each state value once
-for all the networks and neighbourhoods that read it, where the seed draws a separate mask for
-every network's 90 inputs of every column (see GlomConfig.dropout).
+Dropout on the networks' inputs: by default each state value is dropped once for all the networks
+and neighbourhoods that read it; the seed draws a separate mask for every network's 90 inputs of
+every column, which `input_dropout="per_network"` reproduces (`_MaskedTaps`; GlomConfig).
 Axes everywhere: B batch, L levels, D dim, H, W pixels, T steps, R networks ("routes").
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ import shutil
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from .config import GlomConfig
 
@@ -63,7 +64,7 @@ def _uniform(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
 
 def _random_fields(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Independent uniform 16-bit integers in [-2**15, 2**15), int16, shaped like x: four per
-    64-bit draw of x's device's generator. The rollout's dropout masks and noise need ~11
+    64-bit draw of `generator` (default: x's device's global one). The rollout's dropout masks and noise need ~11
     million random numbers per step of a seed training batch; a keep-mask made from these took
     a third of the time of one from torch.rand (one 32-bit draw per element) and a fifth of
     bernoulli_'s on the 2-core CPU (benchmarks/step_variants.py)."""
@@ -181,16 +182,15 @@ class _MaskedTaps(torch.autograd.Function):
     pass rather than kept, so the memory is that of one masked tap at a time."""
 
     @staticmethod
-    def taps(source, k, p, seed):
-        """The circularly padded source, then (i, j, the source at tap (i, j) as a view of it,
-        its mask `(B, R, D, H, W)`) for each tap, masks drawn in order."""
-        B, R, D, H, W = source.shape
-        padded = _circular_pad(source, k // 2)
-        yield padded
-        generator = torch.Generator(device=source.device)
+    def taps(padded, k, p, seed):
+        """(i, j, the source at tap (i, j) `(B, R, D, H, W)`, a view of `padded` (the source
+        circularly padded by k//2), its mask) for each tap, the masks drawn in order from a
+        generator seeded with `seed`. Tap (i, j) reads the neighbour at offset (i - k//2, j - k//2)."""
+        H, W = padded.shape[-2] - (k - 1), padded.shape[-1] - (k - 1)
+        generator = torch.Generator(device=padded.device)
         generator.manual_seed(seed)
         for i in range(k):
-            for j in range(k):          # tap (i, j) reads the neighbour at offset (i - r, j - r)
+            for j in range(k):
                 tap = padded[..., i:i + H, j:j + W]
                 yield i, j, tap, _keep_mask(tap, p, generator)
 
@@ -199,10 +199,9 @@ class _MaskedTaps(torch.autograd.Function):
         B, R, D, H, W = source.shape
         ctx.save_for_backward(source, A)
         ctx.p, ctx.seed = p, seed
+        k = A.shape[-1]
         Q = a[:, :, None].expand(B, R, D, H * W).clone()
-        taps = _MaskedTaps.taps(source, A.shape[-1], p, seed)
-        next(taps)
-        for i, j, tap, mask in taps:
+        for i, j, tap, mask in _MaskedTaps.taps(_circular_pad(source, k // 2), k, p, seed):
             A_t = A[..., i, j].expand(B, R, D, D).reshape(B * R, D, D)
             Q.view(B * R, D, H * W).baddbmm_(A_t, mask.mul_(tap).view(B * R, D, H * W))
         return Q
@@ -211,17 +210,18 @@ class _MaskedTaps(torch.autograd.Function):
     def backward(ctx, gQ):
         source, A = ctx.saved_tensors
         B, R, D, H, W = source.shape
+        k = A.shape[-1]
         gA = torch.zeros_like(A)
-        taps = _MaskedTaps.taps(source, A.shape[-1], ctx.p, ctx.seed)
-        g_padded = torch.zeros_like(next(taps))
-        for i, j, tap, mask in taps:
+        padded = _circular_pad(source, k // 2)
+        g_padded = torch.zeros_like(padded)
+        for i, j, tap, mask in _MaskedTaps.taps(padded, k, ctx.p, ctx.seed):
             gA[..., i, j] = torch.matmul(gQ, (tap * mask).view(B, R, D, H * W)
                                          .transpose(-1, -2)).sum(0)
             g_tap = torch.matmul(A[..., i, j].transpose(-1, -2), gQ).view(B, R, D, H, W)
             g_padded[..., i:i + H, j:j + W].addcmul_(g_tap, mask)
         with torch.enable_grad():                 # the padding's own backward folds the halo
             x = source.detach().requires_grad_()
-            (g_source,) = torch.autograd.grad(_circular_pad(x, A.shape[-1] // 2), x, g_padded)
+            (g_source,) = torch.autograd.grad(_circular_pad(x, k // 2), x, g_padded)
         return g_source, gA, gQ.sum((0, 3)), None, None
 
 
@@ -295,8 +295,7 @@ class Glom(nn.Module):
         a few loops; the convolutions stay library calls). The first rollout compiles, taking
         a minute or so on a CPU, and needs a C++ compiler there. The same maths: tests compare the
         compiled rollout and its gradients with the eager one. Returns the model."""
-        version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-        if version < COMPILE_MIN_TORCH:
+        if TorchVersion(torch.__version__) < COMPILE_MIN_TORCH:
             raise RuntimeError(
                 f"compile_steps needs torch {'.'.join(map(str, COMPILE_MIN_TORCH))} or newer "
                 f"(requirements.lock pins it), found {torch.__version__}: on torch 2.11 the "
@@ -322,8 +321,8 @@ class Glom(nn.Module):
         A = self.A.new_zeros(L * S, D, D, k, k).index_copy(0, self.route_slot,
                                                            self.A * self.dropout_scale())
         a = self.a.new_zeros(L * S, D).index_copy(0, self.route_slot, self.a)
-        x = _dropout(levels.reshape(B, L * D, H, W), self.cfg.dropout, self.training)
-        x = F.pad(x, (k // 2,) * 4, mode="circular")
+        x = _circular_pad(_dropout(levels.reshape(B, L * D, H, W), self.cfg.dropout,
+                                   self.training), k // 2)
         Q = F.conv2d(x, A.reshape(L * S * D, D, k, k), a.reshape(-1), groups=L)  # (B, L*S*D, H, W)
         return _tanh(Q.view(B, L * S, D, H, W).index_select(1, self.route_slot)).view(B, R, D, H, W)
 
@@ -333,8 +332,10 @@ class Glom(nn.Module):
         seed drops out each network's concatenated neighbourhood (`_MaskedTaps`)."""
         B, L, D, H, W = levels.shape
         R = len(self.routes)
-        source = levels.index_select(1, self.route_source).view(B, R, D, H, W)
-        seed = int(torch.randint(0, 2**62, (), device=levels.device))  # for _MaskedTaps' masks
+        source = levels.index_select(1, self.route_source)                 # (B, R, D, H, W)
+        # the masks' seed, from the global CPU generator (deterministic under torch.manual_seed;
+        # drawn on a GPU it would wait for the device every step)
+        seed = int(torch.randint(0, 2**62, ()))
         Q = _MaskedTaps.apply(source, self.A * self.dropout_scale(), self.a, self.cfg.dropout, seed)
         return _tanh(Q).view(B, R, D, H, W)
 
