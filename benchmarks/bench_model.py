@@ -135,8 +135,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3, help="timed runs per child (median)")
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed runs per child first: on the 2-core CPU the second training "
-                             "iteration still took up to 3x the steady state (the C library "
-                             "growing its heap, page faults), the third no longer")
+                             "iteration was still several times the steady state in scratch "
+                             "runs (the C library growing its heap, page faults), the third no "
+                             "longer")
     parser.add_argument("--dropout", type=float, default=0.1,
                         help="the seed's 0.1, or 0 to compare the same computation whatever "
                              "--input-dropout")
