@@ -37,6 +37,10 @@ from .config import GlomConfig
 COMPILE_MIN_TORCH = (2, 14)
 # inference on a CPU rolls out this many state values at a time (Glom.inference_chunk)
 INFERENCE_CHUNK_VALUES = 8 * 4 * 10 * 28 * 28
+# the seed's per-network input dropout unfolds this many values at a time on a CPU (_MaskedTaps):
+# 6 images' 8 networks' 3x3 neighbourhoods, 13.5 MB, which fit the measured CPU's 32 MB cache
+# (chunks of 3 and 6 images trained alike in a scratch A/B, not kept; 12 slower)
+MASKED_TAPS_CHUNK_VALUES = 6 * 8 * 90 * 28 * 28
 
 
 def seed_linear_to_conv(weight: torch.Tensor, dim: int, kernel: int = 3) -> torch.Tensor:
@@ -173,56 +177,123 @@ def _weight_grads(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch
             g.sum((0, 3)).mul_(2.0))
 
 
+def _drop_gaps(n: int, p: float, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu", draw: int | None = None) -> torch.Tensor:
+    """Where dropout with probability p strikes among n elements, as the gaps between successive
+    dropped ones (int64; their cumulative sums minus 1 are the dropped positions, all < n).
+
+    Each element is dropped independently with probability p, so the gaps are geometric(p):
+    drawn by inversion, floor(log(1 - u) / log(1 - p)) + 1 from uniforms u (float32 with 24
+    random bits, so no gap is longer than `_max_gap(p)`, 158 for p = 0.1, which a geometric gap
+    exceeds with probability 6e-8). One float per dropped element instead of 16 random bits per
+    element (`_keep_mask`): a sixth of the random bits at p = 0.1, for the 34 million values a
+    step of a seed training batch drops out per network (`_MaskedTaps`). `draw`: how many gaps
+    to draw at a time, by default enough to cover n but for a chance of about 1e-15."""
+    scale = 1.0 / math.log1p(-p)
+    draw = draw or int(n * p + 8 * math.sqrt(n * p * (1 - p))) + 16
+    parts, covered = [], 0
+    while covered < n:
+        u = torch.rand(draw, generator=generator, device=device)
+        gaps = torch.log1p(u.neg_()).mul_(scale).floor_().add_(1).to(torch.int64)
+        parts.append(gaps)
+        covered += int(gaps.sum())
+    gaps = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return gaps[:int(torch.searchsorted(gaps.cumsum(0), n, right=True))]  # those ending <= n
+
+
+def _max_gap(p: float) -> int:
+    """The longest gap `_drop_gaps(n, p)` can return (its uniforms are at most 1 - 2**-24)."""
+    return math.floor(24 * math.log(2) / -math.log1p(-p)) + 2     # +1, and +1 for rounding
+
+
 class _MaskedTaps(torch.autograd.Function):
     """Every network's first layer before its tanh, with the seed's dropout on its inputs:
-    `Q = a + sum over taps t of A_t (source shifted to t, times its own mask)`, `(B, R, D, H*W)`.
-    source `(B, R, D, H, W)`: each network's source level; A `(R, D, D, k, k)` (dropout's 1/(1-p)
-    folded in), a `(R, D)`. The masks (one per network, column, tap and channel: 9x the state
-    per network) come from a generator seeded with `seed` and are drawn again in the backward
-    pass rather than kept, so the memory is that of one masked tap at a time."""
+    `Q = A (x times its own mask) + a`, `(B, R, D, H*W)`, x the k x k torus neighbourhood of the
+    network's source level at each column (k*k*D values, tap-major: tap (i, j), channel c at
+    (i*k + j)*D + c; tap (i, j) reads the neighbour at offset (i - k//2, j - k//2)), one mask
+    per network, column and value, as when the seed drops out each network's concatenated
+    neighbourhood.
+
+    levels `(B, L, D, H, W)`; sources `(R,)`, each network's source level; A `(R, D, D, k, k)`
+    (dropout's 1/(1-p) folded in); a `(R, D)`. The neighbourhoods are unfolded `chunk` images at
+    a time (9x the state per network: a chunk of them stays in a CPU's cache), their dropped
+    values zeroed (`_drop_gaps`, from a generator seeded with `seed`) and multiplied with A, one
+    product per chunk. The backward pass unfolds them again from the levels and keeps only the
+    gaps (a byte per dropped value for p >= 0.07) rather than masks or unfolded values."""
 
     @staticmethod
-    def taps(padded, k, p, seed):
-        """(i, j, the source at tap (i, j) `(B, R, D, H, W)`, a view of `padded` (the source
-        circularly padded by k//2), its mask) for each tap, the masks drawn in order from a
-        generator seeded with `seed`. Tap (i, j) reads the neighbour at offset (i - k//2, j - k//2)."""
-        H, W = padded.shape[-2] - (k - 1), padded.shape[-1] - (k - 1)
-        generator = torch.Generator(device=padded.device)
+    def forward(ctx, levels, sources, A, a, p, seed, chunk):
+        B, _, D, H, W = levels.shape
+        R, k = len(sources), A.shape[-1]
+        generator = torch.Generator(device=levels.device)
         generator.manual_seed(seed)
-        for i in range(k):
-            for j in range(k):
-                tap = padded[..., i:i + H, j:j + W]
-                yield i, j, tap, _keep_mask(tap, p, generator)
-
-    @staticmethod
-    def forward(ctx, source, A, a, p, seed):
-        B, R, D, H, W = source.shape
-        ctx.save_for_backward(source, A)
-        ctx.p, ctx.seed = p, seed
-        k = A.shape[-1]
-        Q = a[:, :, None].expand(B, R, D, H * W).clone()
-        for i, j, tap, mask in _MaskedTaps.taps(_circular_pad(source, k // 2), k, p, seed):
-            A_t = A[..., i, j].expand(B, R, D, D).reshape(B * R, D, D)
-            Q.view(B * R, D, H * W).baddbmm_(A_t, mask.mul_(tap).view(B * R, D, H * W))
-        return Q
+        gaps = _drop_gaps(B * R * k * k * D * H * W, p, generator, levels.device)
+        small = torch.uint8 if _max_gap(p) < 2**8 else torch.int32
+        ctx.save_for_backward(levels, sources, A, gaps.to(small))
+        ctx.chunk = chunk
+        A = _MaskedTaps.matrix(A)                                      # (R, D, k*k*D)
+        Q = levels.new_empty(B, R, D, H * W)
+        for s, e, X, _ in _MaskedTaps.unfolded(levels, sources, k, gaps, chunk):
+            torch.matmul(A, X, out=Q[s:e])
+        return Q.add_(a[:, :, None])
 
     @staticmethod
     def backward(ctx, gQ):
-        source, A = ctx.saved_tensors
-        B, R, D, H, W = source.shape
+        levels, sources, A, gaps = ctx.saved_tensors
         k = A.shape[-1]
+        A = _MaskedTaps.matrix(A)                                      # (R, D, k*k*D)
         gA = torch.zeros_like(A)
-        padded = _circular_pad(source, k // 2)
-        g_padded = torch.zeros_like(padded)
-        for i, j, tap, mask in _MaskedTaps.taps(padded, k, ctx.p, ctx.seed):
-            gA[..., i, j] = torch.matmul(gQ, (tap * mask).view(B, R, D, H * W)
-                                         .transpose(-1, -2)).sum(0)
-            g_tap = torch.matmul(A[..., i, j].transpose(-1, -2), gQ).view(B, R, D, H, W)
-            g_padded[..., i:i + H, j:j + W].addcmul_(g_tap, mask)
-        with torch.enable_grad():                 # the padding's own backward folds the halo
-            x = source.detach().requires_grad_()
-            (g_source,) = torch.autograd.grad(_circular_pad(x, k // 2), x, g_padded)
-        return g_source, gA, gQ.sum((0, 3)), None, None
+        g_levels = torch.zeros_like(levels)
+        for s, e, X, dropped in _MaskedTaps.unfolded(levels, sources, k, gaps.long(), ctx.chunk):
+            gA += torch.matmul(gQ[s:e], X.transpose(-1, -2)).sum(0)
+            gX = torch.matmul(A.transpose(-1, -2), gQ[s:e], out=X)     # (n, R, k*k*D, H*W)
+            gX.view(-1).index_fill_(0, dropped, 0.0)
+            g_levels[s:e].index_add_(1, sources, _MaskedTaps.fold(gX, k, *levels.shape[2:]))
+        R, D, _ = A.shape
+        gA = gA.view(R, D, k, k, D).permute(0, 1, 4, 2, 3)             # (R, D, D, k, k)
+        return g_levels, None, gA, gQ.sum((0, 3)), None, None, None
+
+    @staticmethod
+    def matrix(A):
+        """`(R, D, D, k, k)` -> `(R, D, k*k*D)`, the columns in the unfolded values' order."""
+        R, D, _, k, _ = A.shape
+        return A.permute(0, 1, 3, 4, 2).reshape(R, D, k * k * D)
+
+    @staticmethod
+    def unfolded(levels, sources, k, gaps, chunk):
+        """(s, e, X, dropped) for each chunk of images s:e: X `(e-s, R, k*k*D, H*W)` their
+        networks' unfolded neighbourhoods with the dropped values zeroed, `dropped` their flat
+        positions in X (int64). X is one buffer, overwritten chunk after chunk."""
+        B, _, D, H, W = levels.shape
+        R = len(sources)
+        per_image = R * k * k * D * H * W
+        dropped = gaps.cumsum(0).sub_(1)                               # flat over (B, R, kkD, HW)
+        starts = list(range(0, B, chunk))
+        ends = torch.tensor(starts[1:] + [B], device=gaps.device) * per_image
+        bounds = [0] + torch.searchsorted(dropped, ends).tolist()
+        buffer = levels.new_empty(min(chunk, B), R, k * k * D, H * W)
+        for c, s in enumerate(starts):
+            e = min(s + chunk, B)
+            X = buffer[:e - s]
+            padded = _circular_pad(levels[s:e], k // 2).index_select(1, sources)
+            for t in range(k * k):
+                i, j = divmod(t, k)
+                X[:, :, t * D:(t + 1) * D].view(e - s, R, D, H, W).copy_(
+                    padded[..., i:i + H, j:j + W])
+            positions = dropped[bounds[c]:bounds[c + 1]] - s * per_image
+            X.view(-1).index_fill_(0, positions, 0.0)
+            yield s, e, X, positions
+
+    @staticmethod
+    def fold(gX, k, D, H, W):
+        """The unfolding's gradient: `(n, R, k*k*D, H*W)` -> `(n, R, D, H, W)`, each tap's part
+        added back where it was read from."""
+        n, R = gX.shape[:2]
+        g = gX.new_zeros(n, R, D, H + k - 1, W + k - 1)                # the padded source's
+        for t in range(k * k):
+            i, j = divmod(t, k)
+            g[..., i:i + H, j:j + W] += gX[:, :, t * D:(t + 1) * D].view(n, R, D, H, W)
+        return _unpad_circular(g, k // 2)
 
 
 def _circular_pad(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -230,6 +301,18 @@ def _circular_pad(x: torch.Tensor, r: int) -> torch.Tensor:
     *lead, C, H, W = x.shape
     return F.pad(x.reshape(-1, C, H, W), (r,) * 4, mode="circular").view(*lead, C, H + 2 * r,
                                                                           W + 2 * r)
+
+
+def _unpad_circular(g: torch.Tensor, r: int) -> torch.Tensor:
+    """The gradient of `_circular_pad(x, r)` with respect to x, from the padded one's g (which
+    it overwrites): each halo row and column added to the one it copied, then the halo cut off.
+    `(..., H + 2r, W + 2r)` -> `(..., H, W)`."""
+    H, W = g.shape[-2] - 2 * r, g.shape[-1] - 2 * r
+    g[..., r:2 * r, :] += g[..., H + r:, :]       # the halo below copied the first r rows
+    g[..., H:H + r, :] += g[..., :r, :]           # the halo above, the last r rows
+    g[..., :, r:2 * r] += g[..., :, W + r:]       # then the columns (the corners come along)
+    g[..., :, W:W + r] += g[..., :, :r]
+    return g[..., r:H + r, r:W + r]
 
 
 def column_votes(levels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -332,11 +415,13 @@ class Glom(nn.Module):
         seed drops out each network's concatenated neighbourhood (`_MaskedTaps`)."""
         B, L, D, H, W = levels.shape
         R = len(self.routes)
-        source = levels.index_select(1, self.route_source)                 # (B, R, D, H, W)
         # the masks' seed, from the global CPU generator (deterministic under torch.manual_seed;
         # drawn on a GPU it would wait for the device every step)
         seed = int(torch.randint(0, 2**62, ()))
-        Q = _MaskedTaps.apply(source, self.A * self.dropout_scale(), self.a, self.cfg.dropout, seed)
+        chunk = B if levels.device.type != "cpu" else max(1, MASKED_TAPS_CHUNK_VALUES // (
+            R * self.cfg.kernel**2 * D * H * W))
+        Q = _MaskedTaps.apply(levels, self.route_source, self.A * self.dropout_scale(), self.a,
+                              self.cfg.dropout, seed, chunk)
         return _tanh(Q).view(B, R, D, H, W)
 
     def dropout_scale(self) -> float:

@@ -90,8 +90,7 @@ def test_training_rollout_equals_the_oracle_when_dropout_keeps_everything(monkey
     cfg = GlomConfig.preset("seed", height=7, width=6, steps=steps, dropout=p, noise=0.0,
                             input_dropout=input_dropout)
     model = glom_from_seed_networks(seed_networks(oracle), cfg).train()
-    monkeypatch.setattr(model_module, "_keep_mask",
-                        lambda x, p, generator=None: torch.ones_like(x))
+    keep_everything(monkeypatch)
     images = torch.randn(2, 1, 7, 6)
     init = model.initial_state(images)
     fast = model.rollout(init, steps)
@@ -103,36 +102,47 @@ def test_training_rollout_equals_the_oracle_when_dropout_keeps_everything(monkey
     assert_gradients_equal(model, oracle)
 
 
-def test_per_network_input_dropout_is_the_seeds_column_by_column(monkeypatch):
+def keep_everything(monkeypatch) -> None:
+    """Dropout that drops nothing, in both of the model's ways to draw it."""
+    monkeypatch.setattr(model_module, "_keep_mask",
+                        lambda x, p, generator=None: torch.ones_like(x))
+    monkeypatch.setattr(model_module, "_drop_gaps",
+                        lambda n, p, generator=None, device="cpu": torch.zeros(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("images", [2, 7])
+def test_per_network_input_dropout_is_the_seeds_column_by_column(monkeypatch, images):
     """input_dropout="per_network": each network's first layer at each column is the seed's
     Linear(90 -> 10) of the concatenated rolled neighbourhood (SHIFTS order) times its own mask,
-    over 1-p; the masks the model drew are mapped to the seed's (shift, channel) order here,
-    element by element."""
+    over 1-p; the values the model dropped are mapped to the seed's (shift, channel) order here,
+    element by element. 7 images: unfolded in chunks of 3, the last one short."""
     torch.manual_seed(0)
-    p, H, W = 0.3, 5, 4
+    p, B, H, W = 0.3, images, 5, 4
     cfg = GlomConfig.preset("seed", height=H, width=W, steps=1, dropout=p,
                             input_dropout="per_network")
     model = Glom(cfg).train()
     drawn = []
-    keep_mask = model_module._keep_mask
+    drop_gaps = model_module._drop_gaps
 
-    def recording(x, p, generator=None):
-        mask = keep_mask(x, p, generator)
-        drawn.append(mask.clone())                                     # (used in place)
-        return mask
+    def recording(n, p, generator=None, device="cpu"):
+        drawn.append((n, drop_gaps(n, p, generator, device)))
+        return drawn[-1][1]
 
-    monkeypatch.setattr(model_module, "_keep_mask", recording)
-    levels = torch.randn(2, 4, 10, H, W)
+    monkeypatch.setattr(model_module, "_drop_gaps", recording)
+    monkeypatch.setattr(model_module, "MASKED_TAPS_CHUNK_VALUES", 3 * 8 * 90 * H * W)
+    levels = torch.randn(B, 4, 10, H, W)
     with torch.no_grad():
         Q = model.first_layer(levels)                                # (B, R, D, H, W)
-    assert len(drawn) == 9                                             # one per tap, in order,
-    mask = torch.stack(drawn, 2).reshape(2, 8, 9, 10, H * W)           # and per
-    assert mask.shape == (2, 8, 9, 10, H * W)                          # network, column and channel
-    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    [(n, gaps)] = drawn
+    assert n == B * 8 * 9 * 10 * H * W                                 # one per network, column,
+    mask = torch.ones(n)                                               # tap and channel
+    mask[gaps.cumsum(0) - 1] = 0.0
+    mask = mask.view(B, 8, 9, 10, H * W)
+    assert 0.2 < 1 - mask.mean() < 0.4
     for r, (_, src, _) in enumerate(model.routes):
         weight = conv_to_seed_linear(model.A[r].detach())              # the seed's (10, 90)
         rolled = [levels[:, src].roll(shift, dims=(-2, -1)) for shift in SHIFTS]
-        for b in range(2):
+        for b in range(B):
             for h in range(H):
                 for w in range(W):
                     x90 = torch.cat([x[b, :, h, w] for x in rolled])
@@ -143,18 +153,46 @@ def test_per_network_input_dropout_is_the_seeds_column_by_column(monkeypatch):
                     assert torch.allclose(Q[b, r, :, h, w], want, atol=1e-5), (r, b, h, w)
 
 
-def test_masked_taps_backward_draws_the_forwards_masks_again():
-    """_MaskedTaps keeps no masks: its backward draws them again from the seeded generator.
-    Numerical gradients (float64) agree only if they are the same masks."""
+def test_masked_taps_backward_finds_the_forwards_dropped_values_again():
+    """_MaskedTaps keeps the dropped places (as gaps), not masks or unfolded values, and unfolds
+    again in its backward pass, chunk by chunk. Numerical gradients (float64) agree only if the
+    same values are dropped; the chunk size changes nothing; the seed changes the masks."""
     torch.manual_seed(0)
-    source = torch.randn(2, 3, 4, 5, 4, dtype=torch.float64, requires_grad=True)
-    A = torch.randn(3, 4, 4, 3, 3, dtype=torch.float64, requires_grad=True)
-    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda s, A, a: model_module._MaskedTaps.apply(s, A, a, 0.3, 123), (source, A, a))
-    once = model_module._MaskedTaps.apply(source, A, a, 0.3, 123)
-    assert torch.equal(once, model_module._MaskedTaps.apply(source, A, a, 0.3, 123))
-    assert not torch.equal(once, model_module._MaskedTaps.apply(source, A, a, 0.3, 124))
+    levels = torch.randn(3, 3, 4, 5, 4, dtype=torch.float64, requires_grad=True)
+    sources = torch.tensor([0, 1, 1, 2])                               # level 1 read twice
+    A = torch.randn(4, 4, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+
+    def masked(levels, A, a, seed=123, chunk=2):
+        return model_module._MaskedTaps.apply(levels, sources, A, a, 0.3, seed, chunk)
+
+    assert torch.autograd.gradcheck(masked, (levels, A, a))
+    once = masked(levels, A, a)
+    for chunk in (1, 3):
+        assert torch.equal(once, masked(levels, A, a, chunk=chunk))
+    assert not torch.equal(once, masked(levels, A, a, seed=124))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.01])
+def test_drop_gaps_drop_each_element_with_probability_p(p):
+    """The gaps between dropped elements: all positions inside n, dropped at rate p, geometric
+    gaps (the first gap 1 with probability p, 2 with p(1-p)), none longer than _max_gap(p)."""
+    torch.manual_seed(0)
+    n = 400_000
+    gaps = model_module._drop_gaps(n, p)
+    assert gaps.dtype == torch.int64 and (gaps >= 1).all() and (gaps <= model_module._max_gap(p)).all()
+    positions = gaps.cumsum(0) - 1
+    assert positions[-1] < n and n - positions[-1] - 1 < 100 / p      # nothing missing at the end
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(len(gaps) / n - p) < 5 * sigma
+    for k, want in ((1, p), (2, p * (1 - p))):
+        seen = (gaps == k).double().mean().item()
+        assert abs(seen - want) < 5 * (want * (1 - want) / len(gaps)) ** 0.5, (k, seen, want)
+    # drawn a few gaps at a time (the default draw falls short once in ~1e15), they cover n
+    torch.manual_seed(0)
+    few = model_module._drop_gaps(n, p, draw=7)
+    assert n - (few.sum() - 1) - 1 < 100 / p and few.sum() <= n
+    assert abs(len(few) / n - p) < 5 * sigma
 
 
 @pytest.mark.parametrize("masked", [False, True])
