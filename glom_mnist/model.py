@@ -177,33 +177,33 @@ def _weight_grads(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch
             g.sum((0, 3)).mul_(2.0))
 
 
-def _drop_gaps(n: int, p: float, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu", draw: int | None = None) -> torch.Tensor:
-    """Where dropout with probability p strikes among n elements, as the gaps between successive
-    dropped ones (int64; their cumulative sums minus 1 are the dropped positions, all < n).
+def _drop_positions(n: int, p: float, generator: torch.Generator | None = None,
+                    device: torch.device | str = "cpu", draw: int | None = None) -> torch.Tensor:
+    """Where dropout with probability p strikes among n elements: the dropped positions, sorted
+    (int64, all < n), each element dropped independently with probability p.
 
-    Each element is dropped independently with probability p, so the gaps are geometric(p):
-    drawn by inversion, floor(log(1 - u) / log(1 - p)) + 1 from uniforms u (float32 with 24
-    random bits, so no gap is longer than `_max_gap(p)`, 158 for p = 0.1, which a geometric gap
-    exceeds with probability 6e-8). One float per dropped element instead of 16 random bits per
-    element (`_keep_mask`): a sixth of the random bits at p = 0.1, for the 34 million values a
-    step of a seed training batch drops out per network (`_MaskedTaps`). `draw`: how many gaps
-    to draw at a time, by default enough to cover n but for a chance of about 1e-15."""
-    scale = 1.0 / math.log1p(-p)
+    The gaps between successive drops are then geometric(p), drawn by inversion:
+    floor(log(1 - u) / log(1 - p)) + 1 with u uniform over the multiples of 2**-24 in [0, 1)
+    (24 of the 32 bits of a random word, as torch.rand's float32; computed in float32), so that
+    no gap is longer than 158 for p = 0.1 (a geometric gap is longer with probability 6e-8).
+    One 32-bit word per dropped element instead of 16 random bits per element (`_keep_mask`):
+    a fifth of the random bits at p = 0.1, for the 34 million values a step of a seed training
+    batch drops out per network (`_MaskedTaps`). `draw`: how many gaps to draw at a time, by
+    default enough to cover n but for a chance of about 1e-15."""
     draw = draw or int(n * p + 8 * math.sqrt(n * p * (1 - p))) + 16
+    scale = 1.0 / math.log1p(-p)
     parts, covered = [], 0
     while covered < n:
-        u = torch.rand(draw, generator=generator, device=device)
-        gaps = torch.log1p(u.neg_()).mul_(scale).floor_().add_(1).to(torch.int64)
-        parts.append(gaps)
+        words = torch.empty((draw + 1) // 2, dtype=torch.int64, device=device)
+        words.random_(-2**63, None, generator=generator)
+        # 2**23 - v for v uniform in [-2**23, 2**23): 2**24 (1 - u), from 1 to 2**24
+        w = words.view(torch.int32)[:draw].bitwise_right_shift(8).neg_().add_(2**23).float()
+        # gap - 1 = floor(log(1 - u) / log(1 - p)) = floor(scale log(w) - 24 log(2) scale)
+        gaps = w.log_().mul_(scale).add_(-24 * math.log(2) * scale).floor_().to(torch.int64)
+        parts.append(gaps.add_(1))
         covered += int(gaps.sum())
-    gaps = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return gaps[:int(torch.searchsorted(gaps.cumsum(0), n, right=True))]  # those ending <= n
-
-
-def _max_gap(p: float) -> int:
-    """The longest gap `_drop_gaps(n, p)` can return (its uniforms are at most 1 - 2**-24)."""
-    return math.floor(24 * math.log(2) / -math.log1p(-p)) + 2     # +1, and +1 for rounding
+    positions = (torch.cat(parts) if len(parts) > 1 else parts[0]).cumsum_(0).sub_(1)
+    return positions[:int(torch.searchsorted(positions, n))]                   # those < n
 
 
 class _MaskedTaps(torch.autograd.Function):
@@ -217,9 +217,10 @@ class _MaskedTaps(torch.autograd.Function):
     levels `(B, L, D, H, W)`; sources `(R,)`, each network's source level; A `(R, D, D, k, k)`
     (dropout's 1/(1-p) folded in); a `(R, D)`. The neighbourhoods are unfolded `chunk` images at
     a time (9x the state per network: a chunk of them stays in a CPU's cache), their dropped
-    values zeroed (`_drop_gaps`, from a generator seeded with `seed`) and multiplied with A, one
+    values zeroed (`_drop_positions`, from a generator seeded with `seed`) and multiplied with A, one
     product per chunk. The backward pass unfolds them again from the levels and keeps only the
-    gaps (a byte per dropped value for p >= 0.07) rather than masks or unfolded values."""
+    dropped positions (int32: 4 bytes per dropped value, a tenth of the masks' 4 bytes per
+    value), not the masks or the unfolded values."""
 
     @staticmethod
     def forward(ctx, levels, sources, A, a, p, seed, chunk):
@@ -227,27 +228,29 @@ class _MaskedTaps(torch.autograd.Function):
         R, k = len(sources), A.shape[-1]
         generator = torch.Generator(device=levels.device)
         generator.manual_seed(seed)
-        gaps = _drop_gaps(B * R * k * k * D * H * W, p, generator, levels.device)
-        small = torch.uint8 if _max_gap(p) < 2**8 else torch.int32
-        ctx.save_for_backward(levels, sources, A, gaps.to(small))
+        n = B * R * k * k * D * H * W
+        dropped = _drop_positions(n, p, generator, levels.device)
+        ctx.save_for_backward(levels, sources, A,
+                              dropped.int() if n < 2**31 else dropped)
         ctx.chunk = chunk
         A = _MaskedTaps.matrix(A)                                      # (R, D, k*k*D)
         Q = levels.new_empty(B, R, D, H * W)
-        for s, e, X, _ in _MaskedTaps.unfolded(levels, sources, k, gaps, chunk):
+        for s, e, X, _ in _MaskedTaps.unfolded(levels, sources, k, dropped, chunk):
             torch.matmul(A, X, out=Q[s:e])
         return Q.add_(a[:, :, None])
 
     @staticmethod
     def backward(ctx, gQ):
-        levels, sources, A, gaps = ctx.saved_tensors
+        levels, sources, A, dropped = ctx.saved_tensors
         k = A.shape[-1]
         A = _MaskedTaps.matrix(A)                                      # (R, D, k*k*D)
         gA = torch.zeros_like(A)
         g_levels = torch.zeros_like(levels)
-        for s, e, X, dropped in _MaskedTaps.unfolded(levels, sources, k, gaps.long(), ctx.chunk):
+        for s, e, X, zeroed in _MaskedTaps.unfolded(levels, sources, k, dropped.long(),
+                                                     ctx.chunk):
             gA += torch.matmul(gQ[s:e], X.transpose(-1, -2)).sum(0)
             gX = torch.matmul(A.transpose(-1, -2), gQ[s:e], out=X)     # (n, R, k*k*D, H*W)
-            gX.view(-1).index_fill_(0, dropped, 0.0)
+            gX.view(-1).index_fill_(0, zeroed, 0.0)
             g_levels[s:e].index_add_(1, sources, _MaskedTaps.fold(gX, k, *levels.shape[2:]))
         R, D, _ = A.shape
         gA = gA.view(R, D, k, k, D).permute(0, 1, 4, 2, 3)             # (R, D, D, k, k)
@@ -260,16 +263,16 @@ class _MaskedTaps(torch.autograd.Function):
         return A.permute(0, 1, 3, 4, 2).reshape(R, D, k * k * D)
 
     @staticmethod
-    def unfolded(levels, sources, k, gaps, chunk):
-        """(s, e, X, dropped) for each chunk of images s:e: X `(e-s, R, k*k*D, H*W)` their
-        networks' unfolded neighbourhoods with the dropped values zeroed, `dropped` their flat
-        positions in X (int64). X is one buffer, overwritten chunk after chunk."""
+    def unfolded(levels, sources, k, dropped, chunk):
+        """(s, e, X, zeroed) for each chunk of images s:e: X `(e-s, R, k*k*D, H*W)` their
+        networks' unfolded neighbourhoods with the dropped values zeroed, `zeroed` their flat
+        positions in X (int64). `dropped`: the batch's, flat over `(B, R, k*k*D, H*W)`. X is one
+        buffer, overwritten chunk after chunk."""
         B, _, D, H, W = levels.shape
         R = len(sources)
         per_image = R * k * k * D * H * W
-        dropped = gaps.cumsum(0).sub_(1)                               # flat over (B, R, kkD, HW)
         starts = list(range(0, B, chunk))
-        ends = torch.tensor(starts[1:] + [B], device=gaps.device) * per_image
+        ends = torch.tensor(starts[1:] + [B], device=dropped.device) * per_image
         bounds = [0] + torch.searchsorted(dropped, ends).tolist()
         buffer = levels.new_empty(min(chunk, B), R, k * k * D, H * W)
         for c, s in enumerate(starts):
@@ -280,9 +283,9 @@ class _MaskedTaps(torch.autograd.Function):
                 i, j = divmod(t, k)
                 X[:, :, t * D:(t + 1) * D].view(e - s, R, D, H, W).copy_(
                     padded[..., i:i + H, j:j + W])
-            positions = dropped[bounds[c]:bounds[c + 1]] - s * per_image
-            X.view(-1).index_fill_(0, positions, 0.0)
-            yield s, e, X, positions
+            zeroed = dropped[bounds[c]:bounds[c + 1]] - s * per_image
+            X.view(-1).index_fill_(0, zeroed, 0.0)
+            yield s, e, X, zeroed
 
     @staticmethod
     def fold(gX, k, D, H, W):

@@ -1,6 +1,8 @@
 """The fast Glom equals the seed's naive formulation, and its parts behave as documented."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,7 +108,7 @@ def keep_everything(monkeypatch) -> None:
     """Dropout that drops nothing, in both of the model's ways to draw it."""
     monkeypatch.setattr(model_module, "_keep_mask",
                         lambda x, p, generator=None: torch.ones_like(x))
-    monkeypatch.setattr(model_module, "_drop_gaps",
+    monkeypatch.setattr(model_module, "_drop_positions",
                         lambda n, p, generator=None, device="cpu": torch.zeros(0, dtype=torch.long))
 
 
@@ -122,21 +124,21 @@ def test_per_network_input_dropout_is_the_seeds_column_by_column(monkeypatch, im
                             input_dropout="per_network")
     model = Glom(cfg).train()
     drawn = []
-    drop_gaps = model_module._drop_gaps
+    drop_positions = model_module._drop_positions
 
     def recording(n, p, generator=None, device="cpu"):
-        drawn.append((n, drop_gaps(n, p, generator, device)))
+        drawn.append((n, drop_positions(n, p, generator, device)))
         return drawn[-1][1]
 
-    monkeypatch.setattr(model_module, "_drop_gaps", recording)
+    monkeypatch.setattr(model_module, "_drop_positions", recording)
     monkeypatch.setattr(model_module, "MASKED_TAPS_CHUNK_VALUES", 3 * 8 * 90 * H * W)
     levels = torch.randn(B, 4, 10, H, W)
     with torch.no_grad():
         Q = model.first_layer(levels)                                # (B, R, D, H, W)
-    [(n, gaps)] = drawn
+    [(n, dropped)] = drawn
     assert n == B * 8 * 9 * 10 * H * W                                 # one per network, column,
     mask = torch.ones(n)                                               # tap and channel
-    mask[gaps.cumsum(0) - 1] = 0.0
+    mask[dropped] = 0.0
     mask = mask.view(B, 8, 9, 10, H * W)
     assert 0.2 < 1 - mask.mean() < 0.4
     for r, (_, src, _) in enumerate(model.routes):
@@ -154,7 +156,7 @@ def test_per_network_input_dropout_is_the_seeds_column_by_column(monkeypatch, im
 
 
 def test_masked_taps_backward_finds_the_forwards_dropped_values_again():
-    """_MaskedTaps keeps the dropped places (as gaps), not masks or unfolded values, and unfolds
+    """_MaskedTaps keeps the dropped positions, not masks or unfolded values, and unfolds
     again in its backward pass, chunk by chunk. Numerical gradients (float64) agree only if the
     same values are dropped; the chunk size changes nothing; the seed changes the masks."""
     torch.manual_seed(0)
@@ -174,25 +176,27 @@ def test_masked_taps_backward_finds_the_forwards_dropped_values_again():
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.01])
-def test_drop_gaps_drop_each_element_with_probability_p(p):
-    """The gaps between dropped elements: all positions inside n, dropped at rate p, geometric
-    gaps (the first gap 1 with probability p, 2 with p(1-p)), none longer than _max_gap(p)."""
+def test_dropped_positions_drop_each_element_with_probability_p(p):
+    """Sorted positions inside n, dropped at rate p in each part of the range, geometric gaps
+    (1 with probability p, 2 with p(1-p)), none longer than 24 bits of uniform allow."""
     torch.manual_seed(0)
     n = 400_000
-    gaps = model_module._drop_gaps(n, p)
-    assert gaps.dtype == torch.int64 and (gaps >= 1).all() and (gaps <= model_module._max_gap(p)).all()
-    positions = gaps.cumsum(0) - 1
-    assert positions[-1] < n and n - positions[-1] - 1 < 100 / p      # nothing missing at the end
-    sigma = (p * (1 - p) / n) ** 0.5
-    assert abs(len(gaps) / n - p) < 5 * sigma
+    dropped = model_module._drop_positions(n, p)
+    assert dropped.dtype == torch.int64 and 0 <= dropped[0] and dropped[-1] < n
+    gaps = torch.diff(dropped, prepend=torch.tensor([-1]))
+    assert (gaps >= 1).all()
+    assert gaps.max() <= math.floor(24 * math.log(2) / -math.log1p(-p)) + 1
+    sigma = (p * (1 - p) / (n / 4)) ** 0.5
+    quarter = torch.bincount(dropped // (n // 4), minlength=4) / (n / 4)
+    assert ((quarter - p).abs() < 5 * sigma).all(), quarter         # the end is not short
     for k, want in ((1, p), (2, p * (1 - p))):
         seen = (gaps == k).double().mean().item()
         assert abs(seen - want) < 5 * (want * (1 - want) / len(gaps)) ** 0.5, (k, seen, want)
     # drawn a few gaps at a time (the default draw falls short once in ~1e15), they cover n
     torch.manual_seed(0)
-    few = model_module._drop_gaps(n, p, draw=7)
-    assert n - (few.sum() - 1) - 1 < 100 / p and few.sum() <= n
-    assert abs(len(few) / n - p) < 5 * sigma
+    few = model_module._drop_positions(n, p, draw=7)
+    assert few[-1] < n and abs(len(few) / n - p) < 10 * sigma
+    assert (torch.bincount(few // (n // 4), minlength=4) > 0).all()
 
 
 @pytest.mark.parametrize("masked", [False, True])
