@@ -217,37 +217,38 @@ class _MaskedTaps(torch.autograd.Function):
     levels `(B, L, D, H, W)`; sources `(R,)`, each network's source level; A `(R, D, D, k, k)`
     (dropout's 1/(1-p) folded in); a `(R, D)`. The neighbourhoods are unfolded `chunk` images at
     a time (9x the state per network: a chunk of them stays in a CPU's cache), their dropped
-    values zeroed (`_drop_positions`, from a generator seeded with `seed`) and multiplied with A, one
-    product per chunk. The backward pass unfolds them again from the levels and keeps only the
-    dropped positions (int32: 4 bytes per dropped value, a tenth of the masks' 4 bytes per
-    value), not the masks or the unfolded values."""
+    values zeroed (`_drop_positions`, drawn chunk by chunk from a generator seeded with `seed`)
+    and multiplied with A, one product per chunk. The backward pass unfolds them again from the
+    levels and keeps only the dropped positions (int32: 4 bytes per dropped value, a tenth of
+    the masks' 4 bytes per value), not the masks or the unfolded values."""
 
     @staticmethod
     def forward(ctx, levels, sources, A, a, p, seed, chunk):
         B, _, D, H, W = levels.shape
-        R, k = len(sources), A.shape[-1]
         generator = torch.Generator(device=levels.device)
         generator.manual_seed(seed)
-        n = B * R * k * k * D * H * W
-        dropped = _drop_positions(n, p, generator, levels.device)
-        ctx.save_for_backward(levels, sources, A,
-                              dropped.int() if n < 2**31 else dropped)
+        Q = levels.new_empty(B, len(sources), D, H * W)
+        dropped = []
+        for s, e, X in _MaskedTaps.unfolded(levels, sources, A.shape[-1], chunk):
+            zeroed = _drop_positions(X.numel(), p, generator, X.device)
+            X.view(-1).index_fill_(0, zeroed, 0.0)
+            torch.matmul(_MaskedTaps.matrix(A), X, out=Q[s:e])
+            dropped.append(zeroed.int() if X.numel() < 2**31 else zeroed)
+        ctx.save_for_backward(levels, sources, A, *dropped)
         ctx.chunk = chunk
-        A = _MaskedTaps.matrix(A)                                      # (R, D, k*k*D)
-        Q = levels.new_empty(B, R, D, H * W)
-        for s, e, X, _ in _MaskedTaps.unfolded(levels, sources, k, dropped, chunk):
-            torch.matmul(A, X, out=Q[s:e])
         return Q.add_(a[:, :, None])
 
     @staticmethod
     def backward(ctx, gQ):
-        levels, sources, A, dropped = ctx.saved_tensors
+        levels, sources, A, *dropped = ctx.saved_tensors
         k = A.shape[-1]
         A = _MaskedTaps.matrix(A)                                      # (R, D, k*k*D)
         gA = torch.zeros_like(A)
         g_levels = torch.zeros_like(levels)
-        for s, e, X, zeroed in _MaskedTaps.unfolded(levels, sources, k, dropped.long(),
-                                                     ctx.chunk):
+        chunks = _MaskedTaps.unfolded(levels, sources, k, ctx.chunk)
+        for (s, e, X), zeroed in zip(chunks, dropped):
+            zeroed = zeroed.long()
+            X.view(-1).index_fill_(0, zeroed, 0.0)
             gA += torch.matmul(gQ[s:e], X.transpose(-1, -2)).sum(0)
             gX = torch.matmul(A.transpose(-1, -2), gQ[s:e], out=X)     # (n, R, k*k*D, H*W)
             gX.view(-1).index_fill_(0, zeroed, 0.0)
@@ -263,19 +264,13 @@ class _MaskedTaps(torch.autograd.Function):
         return A.permute(0, 1, 3, 4, 2).reshape(R, D, k * k * D)
 
     @staticmethod
-    def unfolded(levels, sources, k, dropped, chunk):
-        """(s, e, X, zeroed) for each chunk of images s:e: X `(e-s, R, k*k*D, H*W)` their
-        networks' unfolded neighbourhoods with the dropped values zeroed, `zeroed` their flat
-        positions in X (int64). `dropped`: the batch's, flat over `(B, R, k*k*D, H*W)`. X is one
-        buffer, overwritten chunk after chunk."""
+    def unfolded(levels, sources, k, chunk):
+        """(s, e, X) for each chunk of images s:e, X `(e-s, R, k*k*D, H*W)` their networks'
+        unfolded neighbourhoods: one buffer, overwritten chunk after chunk."""
         B, _, D, H, W = levels.shape
         R = len(sources)
-        per_image = R * k * k * D * H * W
-        starts = list(range(0, B, chunk))
-        ends = torch.tensor(starts[1:] + [B], device=dropped.device) * per_image
-        bounds = [0] + torch.searchsorted(dropped, ends).tolist()
         buffer = levels.new_empty(min(chunk, B), R, k * k * D, H * W)
-        for c, s in enumerate(starts):
+        for s in range(0, B, chunk):
             e = min(s + chunk, B)
             X = buffer[:e - s]
             padded = _circular_pad(levels[s:e], k // 2).index_select(1, sources)
@@ -283,9 +278,7 @@ class _MaskedTaps(torch.autograd.Function):
                 i, j = divmod(t, k)
                 X[:, :, t * D:(t + 1) * D].view(e - s, R, D, H, W).copy_(
                     padded[..., i:i + H, j:j + W])
-            zeroed = dropped[bounds[c]:bounds[c + 1]] - s * per_image
-            X.view(-1).index_fill_(0, zeroed, 0.0)
-            yield s, e, X, zeroed
+            yield s, e, X
 
     @staticmethod
     def fold(gX, k, D, H, W):
