@@ -141,9 +141,10 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.1,
                         help="the seed's 0.1, or 0 to compare the same computation whatever "
                              "--input-dropout")
-    parser.add_argument("--input-dropout", default="shared", choices=INPUT_DROPOUTS,
+    parser.add_argument("--input-dropout", default="per_network", choices=INPUT_DROPOUTS,
                         help="the fast model's dropout on the state it reads (GlomConfig): "
-                             "per_network is the oracle's (the seed's) own")
+                             "per_network (the seed preset's) is the oracle's (the seed's) own, "
+                             "shared an approximation")
     parser.add_argument("--batch", type=int, default=60)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the oracle is CPU-only)")

@@ -14,9 +14,12 @@ padding and a group per source level (the same linear map; `seed_linear_to_conv`
 weight layout and tests/test_model.py proves the equality), their 10x10 layers batched matrix
 products with a hand-written backward (`_NetworkTail`); tanh is computed from a sigmoid, measured
 faster on a CPU. Dropout masks and noise come from 16-bit random fields (`_random_fields`).
-Dropout on the networks' inputs: by default each state value is dropped once for all the networks
-and neighbourhoods that read it; the seed draws a separate mask for every network's 90 inputs of
-every column, which `input_dropout="per_network"` reproduces (`_MaskedTaps`; GlomConfig).
+Dropout on the networks' inputs, in training: the seed draws a separate mask for every network's
+90 inputs of every column, which `input_dropout="per_network"` (the default) reproduces: the
+neighbourhoods unfolded a few images at a time, their dropped values zeroed at positions drawn
+as geometric gaps, one matrix product per network (`_MaskedTaps`). `input_dropout="shared"`
+drops each state value once for all the networks and neighbourhoods that read it, and keeps the
+one convolution (GlomConfig).
 Axes everywhere: B batch, L levels, D dim, H, W pixels, T steps, R networks ("routes").
 """
 from __future__ import annotations
@@ -392,7 +395,8 @@ class Glom(nn.Module):
     def first_layer(self, levels: torch.Tensor) -> torch.Tensor:
         """Every network's first layer, `Q = tanh(A x + a)` over its source level's k x k torus
         neighbourhood (dropout on x while training): `(B, R, D, H, W)`, network r in route order.
-        One circular convolution for all R (see `network_messages`)."""
+        One circular convolution for all R (see `network_messages`), but for the seed's own
+        input dropout (`first_layer_per_network`)."""
         if self.training and self.cfg.dropout > 0 and self.cfg.input_dropout == "per_network":
             return self.first_layer_per_network(levels)
         B, L, D, H, W = levels.shape
