@@ -6,7 +6,8 @@
 - eval: evaluation throughput of a checkpoint on the first N test images, fed in batches of
   60 and 500 and rolled out whole or in chunks (`Glom.inference_chunk`), with the process's
   user and system (kernel) CPU time: a fresh child process per setting, one warm-up batch first.
-- train: one seed-configuration training iteration (batch 60, dropout 0.1 as the seed has it),
+- train: one seed-configuration training iteration (batch 60, dropout 0.1 as the seed has it,
+  the seed preset's own input dropout per network),
   the rollout run whole or in chunks with the gradients accumulated (the same loss).
 - profile: `torch.profiler` over one such training iteration, whole batch: each kind of
   operation's share of the CPU time (the profiler's own overhead inflates the total).
@@ -102,7 +103,10 @@ def profile_child() -> dict:
     total = sum(e.self_cpu_time_total for e in events)
     shares = {e.key: e.self_cpu_time_total / total for e in events}
     top = dict(sorted(shares.items(), key=lambda kv: -kv[1])[:15])
-    return {"total_ms": total / 1e3, "self_cpu_share": {k: round(v, 4) for k, v in top.items()}}
+    # the model's own autograd functions (and their backward), with the operations they call
+    ours = {e.key: round(e.cpu_time_total / total, 4) for e in events if e.key.startswith("_")}
+    return {"total_ms": total / 1e3, "self_cpu_share": {k: round(v, 4) for k, v in top.items()},
+            "inclusive_share_of_model_functions": ours}
 
 
 def run_child(*args: str) -> dict:
@@ -146,6 +150,9 @@ def main() -> None:
         print(f"profile of one training iteration ({summary['profile']['total_ms']:.0f} ms with "
               "the profiler's overhead):")
         for name, share in summary["profile"]["self_cpu_share"].items():
+            print(f"  {name:40s} {share:6.1%}")
+        print("the model's autograd functions, with what they call:")
+        for name, share in summary["profile"]["inclusive_share_of_model_functions"].items():
             print(f"  {name:40s} {share:6.1%}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
