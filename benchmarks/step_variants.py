@@ -77,7 +77,8 @@ def tail_matmul_autograd(self: Glom, levels: torch.Tensor) -> torch.Tensor:
 
 def tail(rounds: int) -> dict:
     torch.manual_seed(0)
-    model = Glom(GlomConfig.preset("seed")).train()
+    # the variants share the convolution first layer: the input dropout it has ("shared")
+    model = Glom(GlomConfig.preset("seed", input_dropout="shared")).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     images, labels = torch.randn(60, 1, 28, 28), torch.randint(0, 10, (60,))
 

@@ -231,11 +231,12 @@ class _MaskedTaps(torch.autograd.Function):
         generator = torch.Generator(device=levels.device)
         generator.manual_seed(seed)
         Q = levels.new_empty(B, len(sources), D, H * W)
+        A_matrix = _MaskedTaps.matrix(A)                               # (R, D, k*k*D)
         dropped = []
         for s, e, X in _MaskedTaps.unfolded(levels, sources, A.shape[-1], chunk):
             zeroed = _drop_positions(X.numel(), p, generator, X.device)
             X.view(-1).index_fill_(0, zeroed, 0.0)
-            torch.matmul(_MaskedTaps.matrix(A), X, out=Q[s:e])
+            torch.matmul(A_matrix, X, out=Q[s:e])
             dropped.append(zeroed.int() if X.numel() < 2**31 else zeroed)
         ctx.save_for_backward(levels, sources, A, *dropped)
         ctx.chunk = chunk
@@ -415,8 +416,7 @@ class Glom(nn.Module):
         seed drops out each network's concatenated neighbourhood (`_MaskedTaps`)."""
         B, L, D, H, W = levels.shape
         R = len(self.routes)
-        # the masks' seed, from the global CPU generator (deterministic under torch.manual_seed;
-        # drawn on a GPU it would wait for the device every step)
+        # the masks' seed, from the global CPU generator: deterministic under torch.manual_seed
         seed = int(torch.randint(0, 2**62, ()))
         chunk = B if levels.device.type != "cpu" else max(1, MASKED_TAPS_CHUNK_VALUES // (
             R * self.cfg.kernel**2 * D * H * W))
