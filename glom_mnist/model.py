@@ -278,10 +278,9 @@ class _MaskedTaps(torch.autograd.Function):
             e = min(s + chunk, B)
             X = buffer[:e - s]
             padded = _circular_pad(levels[s:e], k // 2).index_select(1, sources)
-            for t in range(k * k):
-                i, j = divmod(t, k)
-                X[:, :, t * D:(t + 1) * D].view(e - s, R, D, H, W).copy_(
-                    padded[..., i:i + H, j:j + W])
+            # every k x k window as a view (n, R, D, H, W, i, j), copied tap-major in one pass
+            windows = padded.unfold(3, k, 1).unfold(4, k, 1)
+            X.view(e - s, R, k, k, D, H, W).copy_(windows.permute(0, 1, 5, 6, 2, 3, 4))
             yield s, e, X
 
     @staticmethod
