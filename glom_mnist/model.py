@@ -69,24 +69,23 @@ def _uniform(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
     return torch.empty(shape).uniform_(-bound, bound)
 
 
-def _random_fields(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def _random_fields(x: torch.Tensor) -> torch.Tensor:
     """Independent uniform 16-bit integers in [-2**15, 2**15), int16, shaped like x: four per
-    64-bit draw of `generator` (default: x's device's global one). The rollout's dropout masks and noise need ~11
+    64-bit draw of x's device's generator. The rollout's dropout masks and noise need ~11
     million random numbers per step of a seed training batch; a keep-mask made from these took
     a third of the time of one from torch.rand (one 32-bit draw per element) and a fifth of
     bernoulli_'s on the 2-core CPU (benchmarks/step_variants.py)."""
     n = x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
-    words.random_(-2**63, None, generator=generator)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
     return words.view(torch.int16)[:n].view(x.shape)
 
 
-def _keep_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout's mask for `x`: 1 where an element is kept, 0 where it is dropped, in x's dtype.
     An element is dropped when its 16-bit field falls in the lowest round(p * 2**16) values, so
     with probability round(p * 65536) / 65536 (0.100006 for the seed's 0.1)."""
     keep = torch.empty_like(x, memory_format=torch.contiguous_format)  # written as 0s and 1s
-    return torch.ge(_random_fields(x, generator), round(p * 2**16) - 2**15, out=keep)  # no bool
+    return torch.ge(_random_fields(x), round(p * 2**16) - 2**15, out=keep)  # no bool
 
 
 def _uniform_like(x: torch.Tensor, high: float) -> torch.Tensor:

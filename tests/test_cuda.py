@@ -83,7 +83,7 @@ def test_a_training_step_with_dropout_on_the_gpu_equals_the_cpus_with_the_same_m
     images, target = torch.randn(3, 1, 8, 7), torch.rand(3, 10, 8, 7)
     init = cpu.initial_state(images)
     with monkeypatch.context() as patch:
-        patch.setattr(model_module, "_keep_mask", lambda x, p, generator=None: torch.ones_like(x))
+        patch.setattr(model_module, "_keep_mask", lambda x, p: torch.ones_like(x))
         patch.setattr(model_module, "_drop_positions",
                       lambda n, p, generator=None, device="cpu": torch.zeros(0, dtype=torch.long,
                                                                             device=device))

@@ -107,7 +107,7 @@ def test_training_rollout_equals_the_oracle_when_dropout_keeps_everything(monkey
 def keep_everything(monkeypatch) -> None:
     """Dropout that drops nothing, in both of the model's ways to draw it."""
     monkeypatch.setattr(model_module, "_keep_mask",
-                        lambda x, p, generator=None: torch.ones_like(x))
+                        lambda x, p: torch.ones_like(x))
     monkeypatch.setattr(model_module, "_drop_positions",
                         lambda n, p, generator=None, device="cpu": torch.zeros(0, dtype=torch.long))
 
