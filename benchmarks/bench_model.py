@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from glom_mnist.config import INPUT_DROPOUTS  # noqa: E402
+from results_io import write_json  # noqa: E402  (benchmarks/, the script's own folder)
 
 
 def child(impl: str, mode: str, batch: int, steps: int, iterations: int, warmup: int,
@@ -201,9 +202,7 @@ def main() -> None:
         if not args.only_fast:
             compare(summary, "oracle", "fast-compiled", "compiled_")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, summary)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from results_io import write_json  # noqa: E402  (benchmarks/, the script's own folder)
+
 
 def cpu_times() -> tuple[float, float]:
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -155,8 +157,7 @@ def main() -> None:
         for name, share in summary["profile"]["inclusive_share_of_model_functions"].items():
             print(f"  {name:40s} {share:6.1%}")
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, summary)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ memory"): the pieces issue 3's work replaced, each against its replacement, in o
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import glom_mnist.model as gm  # noqa: E402
 from glom_mnist import Glom, GlomConfig  # noqa: E402
+from results_io import write_json  # noqa: E402  (benchmarks/, the script's own folder)
 
 
 def timed(fn, repeats: int) -> float:
@@ -119,9 +119,7 @@ def main() -> None:
     out["train_iteration_s"] = tail(args.rounds)
     print("training iteration, s:", {k: round(v, 3) for k, v in out["train_iteration_s"].items()})
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, out)
 
 
 if __name__ == "__main__":
