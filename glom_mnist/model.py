@@ -13,7 +13,9 @@ networks. Here all networks run at once: their first layer is one 3x3 convolutio
 padding and a group per source level (the same linear map; `seed_linear_to_conv` gives the
 weight layout and tests/test_model.py proves the equality), their 10x10 layers batched matrix
 products with a hand-written backward (`_NetworkTail`); tanh is computed from a sigmoid, measured
-faster on a CPU. Dropout masks and noise come from 16-bit random fields (`_random_fields`).
+faster on a CPU. Noise (and the `shared` input dropout's masks) come from 16-bit random fields
+(`_random_fields`); the networks' own dropout is drawn as the positions it zeroes, geometric
+gaps looked up for 16-bit uniforms (`_drop_positions`), a tenth of the random bits at p = 0.1.
 Dropout on the networks' inputs, in training: the seed draws a separate mask for every network's
 90 inputs of every column, which `input_dropout="per_network"` (the default) reproduces: the
 neighbourhoods unfolded a few images at a time, their dropped values zeroed at positions drawn
@@ -24,6 +26,7 @@ Axes everywhere: B batch, L levels, D dim, H, W pixels, T steps, R networks ("ro
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -130,32 +133,36 @@ def _tanh(x: torch.Tensor) -> torch.Tensor:
 
 class _NetworkTail(torch.autograd.Function):
     """Every network's second and third layers at once, from its first layer's output Q:
-    `K = tanh(B (Q m1) + b) + Q`, `V = tanh(C (K m2) + c) + Q + K`, returning V `(N, R, D, P)`.
+    `K = tanh(B drop1(Q) + b) + Q`, `V = tanh(C drop2(K) + c) + Q + K`, returning V `(N, R, D, P)`.
 
-    Written out with its own backward: it saves only what the gradients read and folds the
-    dropout masks into the gradient sums, fewer passes over the network activations per step
-    than autograd's graph of the same expression. tanh(u) is computed as 2 sigmoid(2u) - 1, with
+    Written out with its own backward: it saves only what the gradients read and zeroes the
+    dropped gradients in place, fewer passes over the network activations per step than
+    autograd's graph of the same expression. tanh(u) is computed as 2 sigmoid(2u) - 1, with
     the 2 of 2u in the weights: the caller passes `W1 = 2 B`, `b1 = 2 b`, `W2 = 2 C`, `b2 = 2 c`
     (dropout's 1/(1-p) folded in as well), so that each layer is one product, a bias, an in-place
     sigmoid and one fused add (on a CPU torch.tanh took several times as long as these passes).
-    m1, m2: dropout's 0/1 masks on Q and K, or None. Q `(N, R, D, P)`, W `(R, D, D)`, b `(R, D)`.
+    drop1, drop2: the positions in Q and in K (flattened) that dropout zeroes (`_drop_positions`),
+    or None. Q `(N, R, D, P)`, W `(R, D, D)`, b `(R, D)`.
     """
 
     @staticmethod
-    def forward(ctx, Q, W1, b1, W2, b2, m1, m2):
-        Qm = Q if m1 is None else Q * m1
+    def forward(ctx, Q, W1, b1, W2, b2, drop1, drop2):
+        Qm = _zeroed(Q, drop1)
         s1 = torch.matmul(W1, Qm).add_(b1[..., None]).sigmoid_()        # sigmoid(2 (B Qm + b))
         K = torch.add(Q, s1, alpha=2.0).sub_(1.0)                        # Q + tanh(B Qm + b)
-        Km = K if m2 is None else K * m2
+        Km = _zeroed(K, drop2)
         s2 = torch.matmul(W2, Km).add_(b2[..., None]).sigmoid_()
         V = torch.add(Q, K).add_(s2, alpha=2.0).sub_(1.0)               # Q + K + tanh(C Km + c)
-        ctx.save_for_backward(Qm, Km, s1, s2, W1, W2, m1, m2)
+        drops = [_compact(d) for d in (drop1, drop2)]
+        ctx.save_for_backward(Qm, Km, s1, s2, W1, W2, *(d for d in drops if d is not None))
+        ctx.dropped = [d is not None for d in drops]
         ctx.weight_dtype = W1.dtype
         return V
 
     @staticmethod
     def backward(ctx, gV):
-        Qm, Km, s1, s2, W1, W2, m1, m2 = ctx.saved_tensors
+        Qm, Km, s1, s2, W1, W2, *drops = ctx.saved_tensors
+        drop1, drop2 = (drops.pop(0) if dropped else None for dropped in ctx.dropped)
         # under autocast the activations (and gV) are bfloat16 and the weights float32: the
         # products run in the activations' dtype, as autocast ran the forward's
         W1, W2 = W1.to(gV.dtype), W2.to(gV.dtype)
@@ -163,14 +170,30 @@ class _NetworkTail(torch.autograd.Function):
         g2 = torch.ops.aten.sigmoid_backward(gV, s2)
         gW2, gb2 = _weight_grads(g2, Km)
         gKm = torch.matmul(W2.transpose(-1, -2) * 2.0, g2)
-        gK = gV + gKm if m2 is None else torch.addcmul(gV, gKm, m2)
+        gK = _zeroed(gKm, drop2, inplace=True).add_(gV)
         g1 = torch.ops.aten.sigmoid_backward(gK, s1)                    # K = Q + 2 sigmoid(a1) - 1
         gW1, gb1 = _weight_grads(g1, Qm)
         gQm = torch.matmul(W1.transpose(-1, -2) * 2.0, g1)
-        gQ = torch.add(gV, gK)                                          # Q's three paths
-        gQ = gQ.add_(gQm) if m1 is None else gQ.addcmul_(gQm, m1)
+        gQ = _zeroed(gQm, drop1, inplace=True).add_(gV).add_(gK)        # Q's three paths
         weights = (g.to(ctx.weight_dtype) for g in (gW1, gb1, gW2, gb2))
         return gQ, *weights, None, None
+
+
+def _zeroed(x: torch.Tensor, positions: torch.Tensor | None, inplace: bool = False) -> torch.Tensor:
+    """x with its (flattened) elements at `positions` set to 0 (dropout without the scale): a
+    copy, or x itself when `inplace`; x unchanged when positions is None."""
+    if positions is None:
+        return x
+    out = x if inplace else x.clone(memory_format=torch.contiguous_format)
+    out.view(-1).index_fill_(0, positions.long(), 0.0)
+    return out
+
+
+def _compact(positions: torch.Tensor | None) -> torch.Tensor | None:
+    """Dropped positions as kept for a backward pass: int32 where they fit (half the memory)."""
+    if positions is None or positions.numel() == 0 or positions[-1] >= 2**31:
+        return positions
+    return positions.int()
 
 
 def _weight_grads(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,39 +202,45 @@ def _weight_grads(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch
             g.sum((0, 3)).mul_(2.0))
 
 
+@functools.lru_cache(maxsize=8)
+def _gap_table(p: float, device: torch.device) -> torch.Tensor:
+    """The gap between successive dropped elements for each 16-bit uniform v, int64 `(65536,)`:
+    geometric(p) by inversion, floor(log(1 - u) / log(1 - p)) + 1 with 1 - u = (v + 1) / 2**16,
+    so that each gap length's probability is a multiple of 2**-16 within 2**-16 of geometric's
+    (P(1) = round(p * 2**16) / 2**16, as for `_keep_mask`'s 16-bit fields) and no gap is longer
+    than floor(16 log(2) / -log(1 - p)) + 1 (106 for p = 0.1, longer with probability 1.5e-5)."""
+    one_minus_u = torch.arange(1, 2**16 + 1, dtype=torch.float64) / 2**16
+    return (one_minus_u.log() / math.log1p(-p)).floor().to(torch.int64).add(1).to(device)
+
+
 def _drop_positions(n: int, p: float, generator: torch.Generator | None = None,
                     device: torch.device | str = "cpu", draw: int | None = None) -> torch.Tensor:
     """Where dropout with probability p strikes among n elements: the dropped positions, sorted
-    (int64, all < n), each element dropped independently with probability p.
+    (int64, all < n), each element dropped with probability p (to 2**-16, see `_gap_table`).
 
-    The gaps between successive drops are then geometric(p), drawn by inversion:
-    floor(log(1 - u) / log(1 - p)) + 1 with u uniform over the multiples of 2**-24 in [0, 1)
-    (24 of the 32 bits of a random word, as torch.rand's float32; computed in float32), so that
-    no gap is longer than 158 for p = 0.1 (a geometric gap is longer with probability 6e-8).
-    One 32-bit word per dropped element instead of 16 random bits per element (`_keep_mask`):
-    a fifth of the random bits at p = 0.1, for the 34 million values a step of a seed training
-    batch drops out per network (`_MaskedTaps`). `draw`: how many gaps to draw at a time, by
-    default enough to cover n but for a chance of about 1e-15."""
+    The gaps between successive drops are geometric(p), looked up in `_gap_table` for 16-bit
+    uniforms: 16 random bits per dropped element instead of 16 per element (`_keep_mask`), a
+    tenth of the random bits at p = 0.1, and no arithmetic but a table look-up and a cumulative
+    sum (the dropout of the seed's first layer drops 3.4 million values per step of a training
+    batch, `_MaskedTaps`). `draw`: how many gaps to draw at a time, by default enough to cover n
+    but for a chance of about 1e-15."""
     draw = draw or int(n * p + 8 * math.sqrt(n * p * (1 - p))) + 16
-    scale = 1.0 / math.log1p(-p)
+    table = _gap_table(p, torch.device(device))
     parts, covered = [], 0
     while covered < n:
-        words = torch.empty((draw + 1) // 2, dtype=torch.int64, device=device)
+        words = torch.empty((draw + 3) // 4, dtype=torch.int64, device=device)
         words.random_(-2**63, None, generator=generator)
-        # 2**23 - v for v uniform in [-2**23, 2**23): 2**24 (1 - u), from 1 to 2**24
-        w = words.view(torch.int32)[:draw].bitwise_right_shift(8).neg_().add_(2**23).float()
-        # gap - 1 = floor(log(1 - u) / log(1 - p)) = floor(scale log(w) - 24 log(2) scale)
-        gaps = w.log_().mul_(scale).add_(-24 * math.log(2) * scale).floor_().to(torch.int64)
-        parts.append(gaps.add_(1))
-        covered += int(gaps.sum())
+        fields = words.view(torch.uint16)[:draw].int()                 # four per 64-bit word
+        parts.append(table.index_select(0, fields))
+        covered += int(parts[-1].sum())
     positions = (torch.cat(parts) if len(parts) > 1 else parts[0]).cumsum_(0).sub_(1)
     return positions[:int(torch.searchsorted(positions, n))]                   # those < n
 
 
 class _MaskedTaps(torch.autograd.Function):
-    """Every network's first layer before its tanh, with the seed's dropout on its inputs:
-    `Q = A (x times its own mask) + a`, `(B, R, D, H*W)`, x the k x k torus neighbourhood of the
-    network's source level at each column (k*k*D values, tap-major: tap (i, j), channel c at
+    """Every network's first layer, with the seed's dropout on its inputs:
+    `Q = tanh(A (x times its own mask) + a)`, `(B, R, D, H*W)`, x the k x k torus neighbourhood
+    of the network's source level at each column (k*k*D values, tap-major: tap (i, j), channel c at
     (i*k + j)*D + c; tap (i, j) reads the neighbour at offset (i - k//2, j - k//2)), one mask
     per network, column and value, as when the seed drops out each network's concatenated
     neighbourhood.
@@ -220,45 +249,53 @@ class _MaskedTaps(torch.autograd.Function):
     (dropout's 1/(1-p) folded in); a `(R, D)`. The neighbourhoods are unfolded `chunk` images at
     a time (9x the state per network: a chunk of them stays in a CPU's cache), their dropped
     values zeroed (`_drop_positions`, drawn chunk by chunk from a generator seeded with `seed`)
-    and multiplied with A, one product per chunk. The backward pass unfolds them again from the
-    levels and keeps only the dropped positions (int32: 4 bytes per dropped value, a tenth of
-    the masks' 4 bytes per value), not the masks or the unfolded values."""
+    and multiplied with A, one product per chunk, its bias and tanh added while the chunk is
+    still in the cache. The backward pass unfolds them again from the levels and keeps only the
+    dropped positions (int32: 4 bytes per dropped value, a tenth of the masks' 4 bytes per
+    value) and the output, not the masks or the unfolded values."""
 
     @staticmethod
     def forward(ctx, levels, sources, A, a, p, seed, chunk):
         B, _, D, H, W = levels.shape
         generator = torch.Generator(device=levels.device)
         generator.manual_seed(seed)
-        Q = levels.new_empty(B, len(sources), D, H * W)
-        A_matrix = _MaskedTaps.matrix(A)                               # (R, D, k*k*D)
+        Y = levels.new_empty(B, len(sources), D, H * W)
+        cpu = levels.device.type == "cpu"
+        # tanh(u) as 2 sigmoid(2u) - 1 on a CPU (see _SigmoidTanh), the 2 of 2u in the weights
+        scale = 2.0 if cpu else 1.0
+        A_matrix, bias = _MaskedTaps.matrix(A) * scale, a[:, :, None] * scale  # (R, D, k*k*D)
         dropped = []
         for s, e, X in _MaskedTaps.unfolded(levels, sources, A.shape[-1], chunk):
             zeroed = _drop_positions(X.numel(), p, generator, X.device)
             X.view(-1).index_fill_(0, zeroed, 0.0)
-            torch.matmul(A_matrix, X, out=Q[s:e])
-            dropped.append(zeroed.int() if X.numel() < 2**31 else zeroed)
-        ctx.save_for_backward(levels, sources, A, *dropped)
+            # the chunk's activations, finished while they are still in the cache
+            Yc = torch.matmul(A_matrix, X, out=Y[s:e]).add_(bias)
+            Yc.sigmoid_().mul_(2.0).sub_(1.0) if cpu else Yc.tanh_()
+            dropped.append(_compact(zeroed))
+        ctx.save_for_backward(levels, sources, A, Y, *dropped)
         ctx.chunk = chunk
-        return Q.add_(a[:, :, None])
+        return Y
 
     @staticmethod
-    def backward(ctx, gQ):
-        levels, sources, A, *dropped = ctx.saved_tensors
+    def backward(ctx, gY):
+        levels, sources, A, Y, *dropped = ctx.saved_tensors
         k = A.shape[-1]
         A = _MaskedTaps.matrix(A)                                      # (R, D, k*k*D)
-        gA = torch.zeros_like(A)
+        gA, ga = torch.zeros_like(A), torch.zeros_like(A[..., 0])
         g_levels = torch.zeros_like(levels)
         chunks = _MaskedTaps.unfolded(levels, sources, k, ctx.chunk)
         for (s, e, X), zeroed in zip(chunks, dropped):
             zeroed = zeroed.long()
             X.view(-1).index_fill_(0, zeroed, 0.0)
-            gA += torch.matmul(gQ[s:e], X.transpose(-1, -2)).sum(0)
-            gX = torch.matmul(A.transpose(-1, -2), gQ[s:e], out=X)     # (n, R, k*k*D, H*W)
+            gU = torch.ops.aten.tanh_backward(gY[s:e], Y[s:e])         # before the tanh
+            ga += gU.sum((0, 3))
+            gA += torch.matmul(gU, X.transpose(-1, -2)).sum(0)
+            gX = torch.matmul(A.transpose(-1, -2), gU, out=X)          # (n, R, k*k*D, H*W)
             gX.view(-1).index_fill_(0, zeroed, 0.0)
             g_levels[s:e].index_add_(1, sources, _MaskedTaps.fold(gX, k, *levels.shape[2:]))
         R, D, _ = A.shape
         gA = gA.view(R, D, k, k, D).permute(0, 1, 4, 2, 3)             # (R, D, D, k, k)
-        return g_levels, None, gA, gQ.sum((0, 3)), None, None, None
+        return g_levels, None, gA, ga, None, None, None
 
     @staticmethod
     def matrix(A):
@@ -420,7 +457,7 @@ class Glom(nn.Module):
             R * self.cfg.kernel**2 * D * H * W))
         Q = _MaskedTaps.apply(levels, self.route_source, self.A * self.dropout_scale(), self.a,
                               self.cfg.dropout, seed, chunk)
-        return _tanh(Q).view(B, R, D, H, W)
+        return Q.view(B, R, D, H, W)
 
     def dropout_scale(self) -> float:
         """Inverted dropout's 1/(1-p) while training (1 otherwise), applied to the weights that
@@ -439,17 +476,17 @@ class Glom(nn.Module):
         Their 10x10 layers are one batched matrix product each (`(R, D, D) @ (B, R, D, H*W)`)
         inside `_NetworkTail`, whose hand-written backward made a training iteration 8% faster
         than the same products, or grouped 1x1 convolutions, through autograd (the two of which
-        were equally fast; benchmarks/step_variants.py). Dropout's masks on Q and K are drawn
-        here, one per network and column.
+        were equally fast; benchmarks/step_variants.py). Dropout on Q and K is drawn here, as
+        the positions it zeroes (`_drop_positions`), for every network, column and channel.
         """
         B, L, D, H, W = levels.shape
         R = len(self.routes)
         Q = self.first_layer(levels).view(B, R, D, H * W)                   # (B, R, D, H*W)
-        masks = [None, None]
+        drops = [None, None]                                                 # on Q and on K
         if self.training and self.cfg.dropout > 0:
-            masks = [_keep_mask(Q, self.cfg.dropout) for _ in masks]
+            drops = [_drop_positions(Q.numel(), self.cfg.dropout, device=Q.device) for _ in drops]
         w = 2.0 * self.dropout_scale()                                       # see _NetworkTail
-        V = _NetworkTail.apply(Q, w * self.B, 2.0 * self.b, w * self.C, 2.0 * self.c, *masks)
+        V = _NetworkTail.apply(Q, w * self.B, 2.0 * self.b, w * self.C, 2.0 * self.c, *drops)
         # times out_scale while summing (one pass less); under autocast V is bfloat16: the sum
         # is kept in the state's own dtype
         return levels.new_zeros(B, L, D, H, W).index_add_(

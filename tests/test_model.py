@@ -181,14 +181,14 @@ def test_masked_taps_backward_finds_the_forwards_dropped_values_again(chunk):
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.01])
 def test_dropped_positions_drop_each_element_with_probability_p(p):
     """Sorted positions inside n, dropped at rate p in each part of the range, geometric gaps
-    (1 with probability p, 2 with p(1-p)), none longer than 24 bits of uniform allow."""
+    (1 with probability p, 2 with p(1-p)), none longer than 16 bits of uniform allow."""
     torch.manual_seed(0)
     n = 400_000
     dropped = model_module._drop_positions(n, p)
     assert dropped.dtype == torch.int64 and 0 <= dropped[0] and dropped[-1] < n
     gaps = torch.diff(dropped, prepend=torch.tensor([-1]))
     assert (gaps >= 1).all()
-    assert gaps.max() <= math.floor(24 * math.log(2) / -math.log1p(-p)) + 1
+    assert gaps.max() <= math.floor(16 * math.log(2) / -math.log1p(-p)) + 1
     sigma = (p * (1 - p) / (n / 4)) ** 0.5
     quarter = torch.bincount(dropped // (n // 4), minlength=4) / (n / 4)
     assert ((quarter - p).abs() < 5 * sigma).all(), quarter         # the end is not short
@@ -205,20 +205,36 @@ def test_dropped_positions_drop_each_element_with_probability_p(p):
 @pytest.mark.parametrize("masked", [False, True])
 def test_network_tail_backward_is_the_gradient_of_its_forward(masked):
     """_NetworkTail's hand-written backward against numerical gradients (float64), and its
-    forward against the plain expression with tanh."""
+    forward against the plain expression with tanh and 0/1 masks made from the dropped
+    positions."""
     torch.manual_seed(0)
     N, R, D, P = 2, 3, 4, 5
     Q = torch.randn(N, R, D, P, dtype=torch.float64, requires_grad=True)
     W1, W2 = (torch.randn(R, D, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
     b1, b2 = (torch.randn(R, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    m1, m2 = ((torch.rand(N, R, D, P, dtype=torch.float64) > 0.3).double() if masked else None
-              for _ in range(2))
-    inputs = (Q, W1, b1, W2, b2, m1, m2)
+    drops = [model_module._drop_positions(Q.numel(), 0.3) if masked else None for _ in range(2)]
+    inputs = (Q, W1, b1, W2, b2, *drops)
     assert torch.autograd.gradcheck(_NetworkTail.apply, inputs)
-    one = torch.ones_like(Q)
-    K = torch.tanh(W1 @ (Q * (one if m1 is None else m1)) / 2 + b1[..., None] / 2) + Q
-    V = torch.tanh(W2 @ (K * (one if m2 is None else m2)) / 2 + b2[..., None] / 2) + Q + K
+    m1, m2 = (torch.ones(Q.numel(), dtype=Q.dtype).index_fill(0, d, 0.0).view_as(Q)
+              if masked else 1.0 for d in drops)
+    if masked:
+        assert 0 < m1.sum() < Q.numel() and not torch.equal(m1, m2)
+    K = torch.tanh(W1 @ (Q * m1) / 2 + b1[..., None] / 2) + Q
+    V = torch.tanh(W2 @ (K * m2) / 2 + b2[..., None] / 2) + Q + K
     assert torch.allclose(_NetworkTail.apply(*inputs), V, atol=1e-12)
+
+
+def test_gap_table_is_geometric_to_16_bits():
+    """Each gap length's probability under the 16-bit table is within 2**-16 of geometric(p)'s,
+    they sum to 1, and P(1) is the 16-bit keep mask's drop rate."""
+    p = 0.1
+    table = model_module._gap_table(p, torch.device("cpu"))
+    counts = torch.bincount(table)[1:].double() / 2**16                # P(gap = 1, 2, ...)
+    g = torch.arange(1, len(counts) + 1, dtype=torch.float64)
+    geometric = p * (1 - p) ** (g - 1)
+    assert (counts - geometric).abs().max() <= 2**-16
+    assert counts.sum() == 1 and counts[0] == round(p * 2**16) / 2**16
+    assert len(counts) == math.floor(16 * math.log(2) / -math.log1p(-p)) + 1
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
