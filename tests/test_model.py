@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from glom_mnist import Glom, GlomConfig
 import glom_mnist.model as model_module
+from glom_mnist import native
 from glom_mnist.model import _NetworkTail, conv_to_seed_linear, seed_linear_to_conv
 from glom_mnist.seed import glom_from_seed_networks, seed_file_names
 
@@ -78,12 +80,14 @@ class _KeepAll(torch.nn.Module):
         return x / (1 - self.p)
 
 
-@pytest.mark.parametrize("input_dropout", ["shared", "per_network"])
+@pytest.mark.parametrize("input_dropout,path", [("shared", "torch"), ("per_network", "native"),
+                                                ("per_network", "torch")])
 def test_training_rollout_equals_the_oracle_when_dropout_keeps_everything(monkeypatch,
-                                                                          input_dropout):
+                                                                          input_dropout, path):
     """Training mode with masks of ones on both sides: what is left of dropout is inverted
     dropout's 1/(1-p), which the fast model folds into its weights. Rollout and every gradient
-    must equal the oracle's."""
+    must equal the oracle's, with the compiled first layer and with the pure-torch one."""
+    use_first_layer(monkeypatch, path)
     torch.manual_seed(0)
     p, steps = 0.25, 5
     oracle = OracleGlom(steps=steps, dropout=p, noise=0.0).train()
@@ -105,43 +109,80 @@ def test_training_rollout_equals_the_oracle_when_dropout_keeps_everything(monkey
 
 
 def keep_everything(monkeypatch) -> None:
-    """Dropout that drops nothing, in both of the model's ways to draw it."""
+    """Dropout that drops nothing, in all of the model's ways to draw it: masks of ones, and
+    gaps between dropped positions so long that the first one falls beyond any tensor here (the
+    gap table serves `_drop_positions` and the compiled first layer alike)."""
     monkeypatch.setattr(model_module, "_keep_mask",
                         lambda x, p: torch.ones_like(x))
-    monkeypatch.setattr(model_module, "_drop_positions",
-                        lambda n, p, generator=None, device="cpu": torch.zeros(0, dtype=torch.long))
+    monkeypatch.setattr(model_module, "_gap_table", lambda p, device: torch.full(
+        (2**16,), 2**30, dtype=torch.int64, device=device))
 
 
-@pytest.mark.parametrize("images", [2, 7])
-def test_per_network_input_dropout_is_the_seeds_column_by_column(monkeypatch, images):
+def use_first_layer(monkeypatch, path: str):
+    """Make the model's CPU first layer with per-network dropout the compiled one ("native",
+    skipped where it cannot be built, unless GLOM_REQUIRE_NATIVE=1 as in CI) or the pure-torch
+    one ("torch"). Returns the compiled module, or None."""
+    if path == "torch":
+        monkeypatch.setattr(native, "masked_taps", lambda: None)
+        return None
+    module = native.masked_taps()
+    if module is None:
+        if os.environ.get("GLOM_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"the compiled first layer could not be built: {native._failure}")
+        pytest.skip(f"the compiled first layer could not be built: {native._failure}")
+    return module
+
+
+@pytest.mark.parametrize("images,path", [(2, "torch"), (7, "torch"), (7, "native")])
+def test_per_network_input_dropout_is_the_seeds_column_by_column(monkeypatch, images, path):
     """input_dropout="per_network": each network's first layer at each column is the seed's
     Linear(90 -> 10) of the concatenated rolled neighbourhood (SHIFTS order) times its own mask,
     over 1-p; the values the model dropped are mapped to the seed's (shift, channel) order here,
-    element by element. 7 images: unfolded in chunks of 3, the last one short."""
+    element by element. Pure torch with 7 images: unfolded in chunks of 3, the last one short.
+    Compiled: one tile per image and network, its dropped positions from `tile_drops`."""
+    module = use_first_layer(monkeypatch, path)
     torch.manual_seed(0)
     p, B, H, W = 0.3, images, 5, 4
     cfg = GlomConfig.preset("seed", height=H, width=W, steps=1, dropout=p,
                             input_dropout="per_network")
     model = Glom(cfg).train()
-    drawn = []
-    drop_positions = model_module._drop_positions
-
-    def recording(n, p, generator=None, device="cpu"):
-        drawn.append((n, drop_positions(n, p, generator, device)))
-        return drawn[-1][1]
-
-    monkeypatch.setattr(model_module, "_drop_positions", recording)
-    monkeypatch.setattr(model_module, "MASKED_TAPS_CHUNK_VALUES", 3 * 8 * 90 * H * W)
     levels = torch.randn(B, 4, 10, H, W)
-    with torch.no_grad():
-        Q = model.first_layer(levels)                                # (B, R, D, H, W)
-    # one mask per network, column, tap and channel, drawn for each chunk of 3 images
-    assert [n for n, _ in drawn] == [n * 8 * 9 * 10 * H * W for n in (B // 3) * [3] + [B % 3]]
-    masks = []
-    for n, dropped in drawn:
-        masks.append(torch.ones(n))
-        masks[-1][dropped] = 0.0
-    mask = torch.cat(masks).view(B, 8, 9, 10, H * W)
+    if path == "torch":
+        drawn = []
+        drop_positions = model_module._drop_positions
+
+        def recording(n, p, generator=None, device="cpu"):
+            drawn.append((n, drop_positions(n, p, generator, device)))
+            return drawn[-1][1]
+
+        monkeypatch.setattr(model_module, "_drop_positions", recording)
+        monkeypatch.setattr(model_module, "MASKED_TAPS_CHUNK_VALUES", 3 * 8 * 90 * H * W)
+        with torch.no_grad():
+            Q = model.first_layer(levels)                            # (B, R, D, H, W)
+        # one mask per network, column, tap and channel, drawn for each chunk of 3 images
+        assert [n for n, _ in drawn] == [n * 8 * 9 * 10 * H * W for n in (B // 3) * [3] + [B % 3]]
+        masks = []  # each chunk's (image, R, tap, channel, column)
+        for n, dropped in drawn:
+            masks.append(torch.ones(n))
+            masks[-1][dropped] = 0.0
+        mask = torch.cat(masks).view(B, 8, 9, 10, H * W)
+    else:
+        calls = []
+
+        class Recording:  # the compiled module, noting the arguments of each forward call
+            def forward(self, *args):
+                calls.append(args)
+                return module.forward(*args)
+
+        monkeypatch.setattr(native, "masked_taps", lambda: Recording())
+        with torch.no_grad():
+            Q = model.first_layer(levels)
+        (*_, seed, table), = calls
+        n = 9 * 10 * H * W                                             # one tile's values
+        mask = torch.ones(B * 8, n)                                    # tile b * R + r
+        for tile in range(B * 8):
+            mask[tile, module.tile_drops(n, seed, tile, table)] = 0.0
+        mask = mask.view(B, 8, 9, 10, H * W)
     assert 0.2 < 1 - mask.mean() < 0.4
     for r, (_, src, _) in enumerate(model.routes):
         weight = conv_to_seed_linear(model.A[r].detach())              # the seed's (10, 90)
@@ -155,6 +196,58 @@ def test_per_network_input_dropout_is_the_seeds_column_by_column(monkeypatch, im
                                      for dy, dx in SHIFTS])
                     want = torch.tanh(weight @ (x90 * m90) / (1 - p) + model.a[r].detach())
                     assert torch.allclose(Q[b, r, :, h, w], want, atol=1e-5), (r, b, h, w)
+
+
+@pytest.mark.parametrize("images", [1, 3])
+def test_compiled_first_layer_backward_draws_the_forwards_drops_again(monkeypatch, images):
+    """The compiled first layer keeps no dropped positions: its backward pass draws each tile's
+    again from the seed. Numerical gradients (float64) agree only if it draws the same ones."""
+    module = use_first_layer(monkeypatch, "native")
+    torch.manual_seed(0)
+    levels = torch.randn(images, 3, 4, 5, 4, dtype=torch.float64, requires_grad=True)
+    sources = torch.tensor([0, 1, 1, 2])                               # level 1 read twice
+    A = torch.randn(4, 4, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+
+    def masked(levels, A, a, seed=123):
+        return model_module._NativeMaskedTaps.apply(levels, sources, A, a, 0.3, seed, module)
+
+    assert torch.autograd.gradcheck(masked, (levels, A, a))
+    once = masked(levels, A, a)
+    assert torch.equal(once, masked(levels, A, a))
+    assert not torch.equal(once, masked(levels, A, a, seed=124))
+
+
+def test_compiled_first_layer_drops_each_tile_at_rate_p_on_its_own(monkeypatch):
+    """Each tile's positions: sorted, inside the tile, at rate p overall, the same for the same
+    seed and tile, different for another tile or seed."""
+    module = use_first_layer(monkeypatch, "native")
+    p, n, tiles = 0.1, 9 * 10 * 28 * 28, 40
+    table = model_module._gap_table(p, torch.device("cpu")).int()
+    drops = [module.tile_drops(n, 7, tile, table) for tile in range(tiles)]
+    for d in drops:
+        assert d.dtype == torch.int64 and (torch.diff(d) > 0).all() and 0 <= d[0] and d[-1] < n
+    rate = sum(len(d) for d in drops) / (n * tiles)
+    assert abs(rate - p) < 5 * (p * (1 - p) / (n * tiles)) ** 0.5, rate
+    assert torch.equal(drops[3], module.tile_drops(n, 7, 3, table))
+    assert not torch.equal(drops[3][:100], drops[4][:100])
+    assert not torch.equal(drops[3][:100], module.tile_drops(n, 8, 3, table)[:100])
+
+
+def test_native_path_can_be_switched_off_and_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setenv("GLOM_NATIVE", "0")
+    assert native.masked_taps() is None
+    monkeypatch.setenv("GLOM_NATIVE", "1")
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failure", None)
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension\nc++: not found")
+
+    monkeypatch.setattr(native, "_extension_loader", lambda: no_compiler)
+    with pytest.warns(RuntimeWarning, match="c\\+\\+: not found.*pure-torch path"):
+        assert native.masked_taps() is None
+    assert native.masked_taps() is None                              # warned once, not retried
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3])

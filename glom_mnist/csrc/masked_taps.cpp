@@ -1,0 +1,262 @@
+// The first layer of every network with the seed's own input dropout, on a CPU, one image and
+// one network at a time: Python's `_MaskedTaps` (glom_mnist/model.py) without its passes over
+// memory. For each (image, network) "tile" the k x k torus neighbourhoods of the network's
+// source level are unfolded into a (k*k*D, H*W) matrix X that stays in the core's cache, the
+// dropped values zeroed and X multiplied by the network's (D, k*k*D) matrix. The dropped
+// positions come from the tile's own random stream (seeded with the step's seed and the tile's
+// index), as geometric gaps looked up for 16-bit uniforms (`_gap_table`), so the backward pass
+// draws them again instead of keeping them.
+//
+// Layouts as in model.py: levels (B, L, D, H, W); sources (R,); A (R, D, k*k*D), column
+// (i*k + j)*D + c for tap (i, j) (offset (i - k/2, j - k/2)) and channel c; a (R, D);
+// pre-activations U and their gradient (B, R, D, H*W). Row-major matrices are handed to the
+// column-major BLAS as their transposes.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <vector>
+
+// The Fortran BLAS that torch's CPU library carries (and exports) on x86 Linux: MKL.
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc);
+}
+
+namespace {
+
+// C (m, n) = alpha op(A) op(B) + beta C, column-major, as BLAS has it
+void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const int M = m, N = n, K = k, LA = lda, LB = ldb, LC = ldc;
+  sgemm_(&ta, &tb, &M, &N, &K, &alpha, a, &LA, b, &LB, &beta, c, &LC);
+}
+
+void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
+          int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  const int M = m, N = n, K = k, LA = lda, LB = ldb, LC = ldc;
+  dgemm_(&ta, &tb, &M, &N, &K, &alpha, a, &LA, b, &LB, &beta, c, &LC);
+}
+
+uint64_t mix64(uint64_t z) {  // splitmix64's finaliser
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// The dropped positions of one tile, ascending: a splitmix64 stream, four 16-bit uniforms per
+// 64-bit word, each looked up in the gap table.
+struct Drops {
+  uint64_t state, word = 0;
+  int left = 0;
+  const int32_t* table;
+  int64_t position = -1;
+
+  Drops(int64_t seed, int64_t tile, const int32_t* gap_table)
+      : state(mix64(static_cast<uint64_t>(seed) ^ mix64(static_cast<uint64_t>(tile) + 1))),
+        table(gap_table) {}
+
+  int64_t next() {
+    if (left == 0) {
+      state += 0x9E3779B97F4A7C15ULL;
+      word = mix64(state);
+      left = 4;
+    }
+    const int v = static_cast<int>(word & 0xFFFF);
+    word >>= 16;
+    --left;
+    return position += table[v];
+  }
+};
+
+struct Geometry {
+  int64_t D, H, W, k;
+  int64_t HW() const { return H * W; }
+  int64_t K() const { return k * k * D; }       // inputs per column
+  int64_t n() const { return K() * HW(); }      // values per tile
+};
+
+// X (K, H*W) = the unfolded neighbourhoods of src (D, H, W): row (t*D + c) holds channel c read
+// at offset (t/k - k/2, t%k - k/2) around every column, wrapping around the torus.
+template <typename T>
+void unfold(const T* src, const Geometry& g, T* X) {
+  const int64_t r = g.k / 2;
+  for (int64_t t = 0; t < g.k * g.k; ++t) {
+    const int64_t dy = t / g.k - r, dx = t % g.k - r;
+    const int64_t sx = ((dx % g.W) + g.W) % g.W;            // out[w] = row[(w + sx) mod W]
+    for (int64_t c = 0; c < g.D; ++c) {
+      const T* plane = src + c * g.HW();
+      T* out = X + (t * g.D + c) * g.HW();
+      for (int64_t h = 0; h < g.H; ++h) {
+        const T* row = plane + (((h + dy) % g.H + g.H) % g.H) * g.W;
+        T* o = out + h * g.W;
+        for (int64_t w = 0; w < g.W - sx; ++w) o[w] = row[w + sx];
+        for (int64_t w = g.W - sx; w < g.W; ++w) o[w] = row[w + sx - g.W];
+      }
+    }
+  }
+}
+
+// The adjoint of unfold: each value of gX (K, H*W) added to g (D, H, W) where it was read.
+template <typename T>
+void fold_add(const T* gX, const Geometry& g, T* dst) {
+  const int64_t r = g.k / 2;
+  for (int64_t t = 0; t < g.k * g.k; ++t) {
+    const int64_t dy = t / g.k - r, dx = t % g.k - r;
+    const int64_t sx = ((dx % g.W) + g.W) % g.W;
+    for (int64_t c = 0; c < g.D; ++c) {
+      T* plane = dst + c * g.HW();
+      const T* in = gX + (t * g.D + c) * g.HW();
+      for (int64_t h = 0; h < g.H; ++h) {
+        T* row = plane + (((h + dy) % g.H + g.H) % g.H) * g.W;
+        const T* i = in + h * g.W;
+        for (int64_t w = 0; w < g.W - sx; ++w) row[w + sx] += i[w];
+        for (int64_t w = g.W - sx; w < g.W; ++w) row[w + sx - g.W] += i[w];
+      }
+    }
+  }
+}
+
+// Zero the tile's dropped values; with `kept`, also record their positions.
+template <typename T>
+void drop(T* X, int64_t n, int64_t seed, int64_t tile, const int32_t* table,
+          std::vector<int64_t>* kept) {
+  Drops drops(seed, tile, table);
+  for (int64_t pos = drops.next(); pos < n; pos = drops.next()) {
+    X[pos] = 0;
+    if (kept) kept->push_back(pos);
+  }
+}
+
+void check(const torch::Tensor& levels, const torch::Tensor& sources, const torch::Tensor& A,
+           const torch::Tensor& table) {
+  TORCH_CHECK(levels.device().is_cpu() && levels.dim() == 5 && levels.is_contiguous(),
+              "levels must be a contiguous CPU tensor (B, L, D, H, W)");
+  TORCH_CHECK(sources.scalar_type() == torch::kInt64 && sources.is_contiguous(),
+              "sources must be a contiguous int64 tensor (R,)");
+  TORCH_CHECK(A.scalar_type() == levels.scalar_type() && A.is_contiguous() && A.dim() == 3,
+              "A must be a contiguous (R, D, k*k*D) tensor of the levels' dtype");
+  TORCH_CHECK(table.scalar_type() == torch::kInt32 && table.numel() == 65536,
+              "the gap table must be 65536 int32 values");
+}
+
+Geometry geometry(const torch::Tensor& levels, const torch::Tensor& A) {
+  const int64_t D = levels.size(2), K = A.size(2);
+  int64_t k = 1;
+  while (k * k * D < K) k += 2;
+  TORCH_CHECK(k * k * D == K && A.size(1) == D, "A's shape does not match the levels' D");
+  return {D, levels.size(3), levels.size(4), k};
+}
+
+}  // namespace
+
+// U (B, R, D, H*W) = a + A (X times its dropout mask), X each tile's unfolded neighbourhoods.
+torch::Tensor forward(torch::Tensor levels, torch::Tensor sources, torch::Tensor A,
+                      torch::Tensor a, bool dropout, int64_t seed, torch::Tensor table) {
+  check(levels, sources, A, table);
+  const Geometry g = geometry(levels, A);
+  const int64_t B = levels.size(0), L = levels.size(1), R = sources.size(0);
+  auto U = torch::empty({B, R, g.D, g.HW()}, levels.options());
+  AT_DISPATCH_FLOATING_TYPES(levels.scalar_type(), "masked_taps_forward", [&] {
+    const scalar_t* lv = levels.const_data_ptr<scalar_t>();
+    const scalar_t* Ap = A.const_data_ptr<scalar_t>();
+    const auto a_ = a.contiguous();
+    const scalar_t* ap = a_.const_data_ptr<scalar_t>();
+    const int64_t* src = sources.const_data_ptr<int64_t>();
+    const int32_t* tab = table.const_data_ptr<int32_t>();
+    scalar_t* Up = U.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * R, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> X(g.n());
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t b = tile / R, r = tile % R;
+        unfold(lv + (b * L + src[r]) * g.D * g.HW(), g, X.data());
+        if (dropout) drop(X.data(), g.n(), seed, tile, tab, nullptr);
+        scalar_t* out = Up + tile * g.D * g.HW();
+        for (int64_t o = 0; o < g.D; ++o)
+          std::fill(out + o * g.HW(), out + (o + 1) * g.HW(), ap[r * g.D + o]);
+        // out (D, HW) += A_r (D, K) X (K, HW); column-major: out^T = X^T A_r^T
+        gemm(
+            'N', 'N', g.HW(), g.D, g.K(),
+            scalar_t(1), X.data(), g.HW(), Ap + r * g.D * g.K(), g.K(), scalar_t(1), out, g.HW());
+      }
+    });
+  });
+  return U;
+}
+
+// Gradients of forward's U: of the levels, of A and of a. Parallel over images, so that every
+// image's level gradient has one writer.
+std::vector<torch::Tensor> backward(torch::Tensor levels, torch::Tensor sources, torch::Tensor A,
+                                    torch::Tensor gU, bool dropout, int64_t seed,
+                                    torch::Tensor table) {
+  check(levels, sources, A, table);
+  const Geometry g = geometry(levels, A);
+  const int64_t B = levels.size(0), L = levels.size(1), R = sources.size(0);
+  gU = gU.contiguous();
+  auto g_levels = torch::zeros_like(levels);
+  const int threads = at::get_num_threads();
+  auto gA = torch::zeros({threads, R, g.D, g.K()}, levels.options());   // one sum per thread
+  auto ga = torch::zeros({threads, R, g.D}, levels.options());
+  AT_DISPATCH_FLOATING_TYPES(levels.scalar_type(), "masked_taps_backward", [&] {
+    const scalar_t* lv = levels.const_data_ptr<scalar_t>();
+    const scalar_t* Ap = A.const_data_ptr<scalar_t>();
+    const scalar_t* gUp = gU.const_data_ptr<scalar_t>();
+    const int64_t* src = sources.const_data_ptr<int64_t>();
+    const int32_t* tab = table.const_data_ptr<int32_t>();
+    scalar_t* glv = g_levels.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      const int thread = at::get_thread_num();
+      scalar_t* gAt = gA.mutable_data_ptr<scalar_t>() + thread * R * g.D * g.K();
+      scalar_t* gat = ga.mutable_data_ptr<scalar_t>() + thread * R * g.D;
+      std::vector<scalar_t> X(g.n());
+      std::vector<int64_t> dropped;
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t tile = b * R + r;
+          const scalar_t* gu = gUp + tile * g.D * g.HW();
+          dropped.clear();
+          unfold(lv + (b * L + src[r]) * g.D * g.HW(), g, X.data());
+          if (dropout) drop(X.data(), g.n(), seed, tile, tab, &dropped);
+          // gA_r (D, K) += gU (D, HW) X^T; column-major: gA_r^T (K, D) = X gU^T
+          gemm(
+              'T', 'N', g.K(), g.D, g.HW(),
+              scalar_t(1), X.data(), g.HW(), gu, g.HW(), scalar_t(1), gAt + r * g.D * g.K(),
+              g.K());
+          for (int64_t o = 0; o < g.D; ++o) {
+            scalar_t s = 0;
+            for (int64_t c = 0; c < g.HW(); ++c) s += gu[o * g.HW() + c];
+            gat[r * g.D + o] += s;
+          }
+          // gX (K, HW) = A_r^T gU; column-major: gX^T (HW, K) = gU^T A_r
+          gemm(
+              'N', 'T', g.HW(), g.K(), g.D,
+              scalar_t(1), gu, g.HW(), Ap + r * g.D * g.K(), g.K(), scalar_t(0), X.data(),
+              g.HW());
+          for (const int64_t pos : dropped) X[pos] = 0;
+          fold_add(X.data(), g, glv + (b * L + src[r]) * g.D * g.HW());
+        }
+      }
+    });
+  });
+  return {g_levels, gA.sum(0), ga.sum(0)};
+}
+
+// The positions forward drops in one tile, for tests.
+torch::Tensor tile_drops(int64_t n, int64_t seed, int64_t tile, torch::Tensor table) {
+  TORCH_CHECK(table.scalar_type() == torch::kInt32 && table.numel() == 65536,
+              "the gap table must be 65536 int32 values");
+  std::vector<int64_t> kept;
+  std::vector<float> X(n);
+  drop(X.data(), n, seed, tile, table.const_data_ptr<int32_t>(), &kept);
+  return torch::tensor(kept, torch::kInt64);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward);
+  m.def("backward", &backward);
+  m.def("tile_drops", &tile_drops);
+}
