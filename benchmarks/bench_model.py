@@ -33,10 +33,14 @@ def child(impl: str, mode: str, batch: int, steps: int, iterations: int, warmup:
           dropout: float, input_dropout: str, device: str) -> dict:
     """One measurement: the median of `iterations` timed runs after `warmup` untimed ones, in
     this process."""
+    import os
+
+    if impl == "fast-torch":  # the fast model with its pure-torch first layer (see native.py)
+        os.environ["GLOM_NATIVE"] = "0"
     import torch
     import torch.nn.functional as F
 
-    from glom_mnist import Glom, GlomConfig
+    from glom_mnist import Glom, GlomConfig, native
     from oracle import OracleGlom, oracle_loss
 
     torch.manual_seed(0)
@@ -53,8 +57,9 @@ def child(impl: str, mode: str, batch: int, steps: int, iterations: int, warmup:
 
         def forward():
             return model(images)
-    else:  # "fast"; "fast-bf16": under bfloat16 autocast (CUDA only); "fast-compiled": its
-        # steps through torch.compile (the warm-up run compiles)
+    else:  # "fast"; "fast-torch": its pure-torch first layer; "fast-bf16": under bfloat16
+        # autocast (CUDA only); "fast-compiled": its steps through torch.compile (the warm-up
+        # run compiles)
         model = Glom(GlomConfig.preset("seed", steps=steps, dropout=dropout,
                                        input_dropout=input_dropout)).to(dev)
         if impl == "fast-compiled":
@@ -108,7 +113,9 @@ def child(impl: str, mode: str, batch: int, steps: int, iterations: int, warmup:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:  # growth of the process's peak RSS over what setup (imports, model, data) used
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
-    return {"impl": impl, "mode": mode, "seconds": statistics.median(times), "peak_mb": peak_mb}
+    return {"impl": impl, "mode": mode, "seconds": statistics.median(times), "peak_mb": peak_mb,
+            # which first layer a CPU training iteration with per-network dropout ran
+            "first_layer": "compiled" if native._module is not None else "torch"}
 
 
 def measure(args: argparse.Namespace, impl: str, mode: str) -> dict:
@@ -154,6 +161,9 @@ def main() -> None:
                         help="also the fast model under bfloat16 autocast (CUDA)")
     parser.add_argument("--compile", action="store_true",
                         help="also the fast model with its steps compiled (torch.compile)")
+    parser.add_argument("--torch-first-layer", action="store_true",
+                        help="also the fast model with its pure-torch first layer (GLOM_NATIVE=0) "
+                             "instead of the compiled one")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -163,6 +173,7 @@ def main() -> None:
         return
 
     impls = ((["fast"] if args.only_fast else ["oracle", "fast"])
+             + (["fast-torch"] if args.torch_first_layer else [])
              + (["fast-bf16"] if args.amp else []) + (["fast-compiled"] if args.compile else []))
     results: dict[tuple[str, str], list[dict]] = {}
     for r in range(args.repeats):
@@ -190,11 +201,15 @@ def main() -> None:
         sec = statistics.median(m["seconds"] for m in ms)
         peak = max(m["peak_mb"] for m in ms)
         summary[f"{impl}_{mode}"] = {"seconds": sec, "images_per_s": args.batch / sec,
-                                     "peak_mb": peak,
+                                     "peak_mb": peak, "first_layer": ms[0]["first_layer"],
                                      "rounds_seconds": [m["seconds"] for m in ms]}
         print(f"{impl + ' ' + mode:20s}{sec:10.3f}{args.batch / sec:10.1f}{peak:10.0f}")
     if not args.only_fast:
         compare(summary, "oracle", "fast", "")
+    if args.torch_first_layer:
+        compare(summary, "fast-torch", "fast", "native_")
+        if not args.only_fast:
+            compare(summary, "oracle", "fast-torch", "torch_")
     if args.amp:
         compare(summary, "fast", "fast-bf16", "amp_")
     if args.compile:
