@@ -233,7 +233,8 @@ def _drop_positions(n: int, p: float, generator: torch.Generator | None = None,
     while covered < n:
         words = torch.empty((draw + 3) // 4, dtype=torch.int64, device=device)
         words.random_(-2**63, None, generator=generator)
-        fields = words.view(torch.uint16)[:draw].int()                 # four per 64-bit word
+        # four 16-bit fields per 64-bit word, as 0 .. 2**16 - 1 (int16 views work on every device)
+        fields = words.view(torch.int16)[:draw].int().add_(2**15)
         parts.append(table.index_select(0, fields))
         covered += int(parts[-1].sum())
     positions = (torch.cat(parts) if len(parts) > 1 else parts[0]).cumsum_(0).sub_(1)
