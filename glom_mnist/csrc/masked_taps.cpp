@@ -14,6 +14,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -78,47 +79,74 @@ struct Geometry {
   int64_t HW() const { return H * W; }
   int64_t K() const { return k * k * D; }       // inputs per column
   int64_t n() const { return K() * HW(); }      // values per tile
+  int64_t padded() const { return D * (H + k - 1) * (W + k - 1); }
 };
 
-// X (K, H*W) = the unfolded neighbourhoods of src (D, H, W): row (t*D + c) holds channel c read
-// at offset (t/k - k/2, t%k - k/2) around every column, wrapping around the torus.
+// P (D, H + 2r, W + 2r) = src (D, H, W) padded by r = k/2 around the torus.
 template <typename T>
-void unfold(const T* src, const Geometry& g, T* X) {
-  const int64_t r = g.k / 2;
-  for (int64_t t = 0; t < g.k * g.k; ++t) {
-    const int64_t dy = t / g.k - r, dx = t % g.k - r;
-    const int64_t sx = ((dx % g.W) + g.W) % g.W;            // out[w] = row[(w + sx) mod W]
-    for (int64_t c = 0; c < g.D; ++c) {
-      const T* plane = src + c * g.HW();
-      T* out = X + (t * g.D + c) * g.HW();
-      for (int64_t h = 0; h < g.H; ++h) {
-        const T* row = plane + (((h + dy) % g.H + g.H) % g.H) * g.W;
-        T* o = out + h * g.W;
-        for (int64_t w = 0; w < g.W - sx; ++w) o[w] = row[w + sx];
-        for (int64_t w = g.W - sx; w < g.W; ++w) o[w] = row[w + sx - g.W];
-      }
+void pad(const T* src, const Geometry& g, T* P) {
+  const int64_t r = g.k / 2, Hp = g.H + 2 * r, Wp = g.W + 2 * r;
+  for (int64_t c = 0; c < g.D; ++c) {
+    for (int64_t hp = 0; hp < Hp; ++hp) {
+      const T* row = src + c * g.HW() + (((hp - r) % g.H + g.H) % g.H) * g.W;
+      T* o = P + (c * Hp + hp) * Wp;
+      for (int64_t wp = 0; wp < r; ++wp) o[wp] = row[((wp - r) % g.W + g.W) % g.W];
+      std::copy_n(row, g.W, o + r);
+      for (int64_t wp = r + g.W; wp < Wp; ++wp) o[wp] = row[(wp - r) % g.W];
     }
   }
 }
 
-// The adjoint of unfold: each value of gX (K, H*W) added to g (D, H, W) where it was read.
+// X (K, H*W) = the unfolded neighbourhoods of the padded P: row (t*D + c) holds channel c
+// read at offset (t/k - k/2, t%k - k/2) around every column.
 template <typename T>
-void fold_add(const T* gX, const Geometry& g, T* dst) {
-  const int64_t r = g.k / 2;
+void unfold(const T* P, const Geometry& g, T* X) {
+  const int64_t Hp = g.H + g.k - 1, Wp = g.W + g.k - 1;
   for (int64_t t = 0; t < g.k * g.k; ++t) {
-    const int64_t dy = t / g.k - r, dx = t % g.k - r;
-    const int64_t sx = ((dx % g.W) + g.W) % g.W;
+    const int64_t i = t / g.k, j = t % g.k;
     for (int64_t c = 0; c < g.D; ++c) {
-      T* plane = dst + c * g.HW();
+      const T* in = P + (c * Hp + i) * Wp + j;
+      T* out = X + (t * g.D + c) * g.HW();
+      for (int64_t h = 0; h < g.H; ++h) std::copy_n(in + h * Wp, g.W, out + h * g.W);
+    }
+  }
+}
+
+// The adjoint of pad then unfold: each value of gX (K, H*W) added, through the padded G
+// (D, H + 2r, W + 2r, overwritten), to dst (D, H, W) where it was read.
+template <typename T>
+void fold_add(const T* gX, const Geometry& g, T* G, T* dst) {
+  const int64_t r = g.k / 2, Hp = g.H + 2 * r, Wp = g.W + 2 * r;
+  std::fill_n(G, g.D * Hp * Wp, T(0));
+  for (int64_t t = 0; t < g.k * g.k; ++t) {
+    const int64_t i = t / g.k, j = t % g.k;
+    for (int64_t c = 0; c < g.D; ++c) {
       const T* in = gX + (t * g.D + c) * g.HW();
+      T* out = G + (c * Hp + i) * Wp + j;
       for (int64_t h = 0; h < g.H; ++h) {
-        T* row = plane + (((h + dy) % g.H + g.H) % g.H) * g.W;
-        const T* i = in + h * g.W;
-        for (int64_t w = 0; w < g.W - sx; ++w) row[w + sx] += i[w];
-        for (int64_t w = g.W - sx; w < g.W; ++w) row[w + sx - g.W] += i[w];
+        T* o = out + h * Wp;
+        const T* x = in + h * g.W;
+        for (int64_t w = 0; w < g.W; ++w) o[w] += x[w];
       }
     }
   }
+  for (int64_t c = 0; c < g.D; ++c) {
+    for (int64_t hp = 0; hp < Hp; ++hp) {
+      T* row = dst + c * g.HW() + (((hp - r) % g.H + g.H) % g.H) * g.W;
+      const T* o = G + (c * Hp + hp) * Wp;
+      for (int64_t wp = 0; wp < r; ++wp) row[((wp - r) % g.W + g.W) % g.W] += o[wp];
+      for (int64_t w = 0; w < g.W; ++w) row[w] += o[r + w];
+      for (int64_t wp = r + g.W; wp < Wp; ++wp) row[(wp - r) % g.W] += o[wp];
+    }
+  }
+}
+
+template <typename T>
+T sum(const T* x, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += x[i];
+  return s;
 }
 
 // Zero the tile's dropped values; with `kept`, also record their positions.
@@ -170,10 +198,11 @@ torch::Tensor forward(torch::Tensor levels, torch::Tensor sources, torch::Tensor
     const int32_t* tab = table.const_data_ptr<int32_t>();
     scalar_t* Up = U.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B * R, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> X(g.n());
+      std::vector<scalar_t> X(g.n()), P(g.padded());
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t b = tile / R, r = tile % R;
-        unfold(lv + (b * L + src[r]) * g.D * g.HW(), g, X.data());
+        pad(lv + (b * L + src[r]) * g.D * g.HW(), g, P.data());
+        unfold(P.data(), g, X.data());
         if (dropout) drop(X.data(), g.n(), seed, tile, tab, nullptr);
         scalar_t* out = Up + tile * g.D * g.HW();
         for (int64_t o = 0; o < g.D; ++o)
@@ -212,32 +241,29 @@ std::vector<torch::Tensor> backward(torch::Tensor levels, torch::Tensor sources,
       const int thread = at::get_thread_num();
       scalar_t* gAt = gA.mutable_data_ptr<scalar_t>() + thread * R * g.D * g.K();
       scalar_t* gat = ga.mutable_data_ptr<scalar_t>() + thread * R * g.D;
-      std::vector<scalar_t> X(g.n());
+      std::vector<scalar_t> X(g.n()), P(g.padded());
       std::vector<int64_t> dropped;
       for (int64_t b = begin; b < end; ++b) {
         for (int64_t r = 0; r < R; ++r) {
           const int64_t tile = b * R + r;
           const scalar_t* gu = gUp + tile * g.D * g.HW();
           dropped.clear();
-          unfold(lv + (b * L + src[r]) * g.D * g.HW(), g, X.data());
+          pad(lv + (b * L + src[r]) * g.D * g.HW(), g, P.data());
+          unfold(P.data(), g, X.data());
           if (dropout) drop(X.data(), g.n(), seed, tile, tab, &dropped);
           // gA_r (D, K) += gU (D, HW) X^T; column-major: gA_r^T (K, D) = X gU^T
           gemm(
               'T', 'N', g.K(), g.D, g.HW(),
               scalar_t(1), X.data(), g.HW(), gu, g.HW(), scalar_t(1), gAt + r * g.D * g.K(),
               g.K());
-          for (int64_t o = 0; o < g.D; ++o) {
-            scalar_t s = 0;
-            for (int64_t c = 0; c < g.HW(); ++c) s += gu[o * g.HW() + c];
-            gat[r * g.D + o] += s;
-          }
+          for (int64_t o = 0; o < g.D; ++o) gat[r * g.D + o] += sum(gu + o * g.HW(), g.HW());
           // gX (K, HW) = A_r^T gU; column-major: gX^T (HW, K) = gU^T A_r
           gemm(
               'N', 'T', g.HW(), g.K(), g.D,
               scalar_t(1), gu, g.HW(), Ap + r * g.D * g.K(), g.K(), scalar_t(0), X.data(),
               g.HW());
           for (const int64_t pos : dropped) X[pos] = 0;
-          fold_add(X.data(), g, glv + (b * L + src[r]) * g.D * g.HW());
+          fold_add(X.data(), g, P.data(), glv + (b * L + src[r]) * g.D * g.HW());
         }
       }
     });
