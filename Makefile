@@ -14,14 +14,14 @@ ISLANDS_CHECKPOINT ?= best_models/glom_seed.pt
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c requirements.lock -e .
-	@# the compiled first layer (glom_mnist/native.py) and torch.compile (Glom.compile_steps)
+	@# the compiled networks (glom_mnist/native.py) and torch.compile (Glom.compile_steps)
 	@# need a C++ compiler on a CPU
 	@command -v g++ >/dev/null || command -v clang++ >/dev/null || \
 	  { command -v apt-get >/dev/null && apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; } || \
-	  echo "note: no C++ compiler, and g++ could not be installed: CPU training uses the slower pure-torch first layer"
-	@# build the compiled first layer now (about 20 s, cached) rather than in the first training step
-	$(PY) -c "from glom_mnist import native; native.masked_taps()"
+	  echo "note: no C++ compiler, and g++ could not be installed: the model runs its slower pure-torch networks on the CPU"
+	@# build the compiled networks now (about 20 s, cached) rather than in the first run
+	$(PY) -c "from glom_mnist import native; native.module()"
 	touch $(STAMP)
 
 setup: $(STAMP)            ## create .venv and install the pinned packages

@@ -365,6 +365,40 @@ class _NativeMaskedTaps(torch.autograd.Function):
         return g_levels, None, gA, ga, None, None, None
 
 
+class _NativeNetworkTail(torch.autograd.Function):
+    """`_NetworkTail` on a CPU through the compiled module (glom_mnist/native.py), the same
+    arguments but for the dropout: probability p (0: none), each (image, network) tile's dropped
+    positions in Q and K drawn from its own random streams seeded with `seed`. Its backward pass
+    computes each tile's activations again instead of keeping them: it saves only Q (which the
+    first layer keeps anyway) and the weights."""
+
+    @staticmethod
+    def forward(ctx, Q, W1, b1, W2, b2, p, seed, module):
+        table = (_gap_table(p, Q.device).int() if p > 0
+                 else torch.zeros(2**16, dtype=torch.int32))                # not read then
+        weights = [x.contiguous() for x in (W1, b1, W2, b2)]
+        V = module.tail_forward(Q.contiguous(), *weights, p > 0, seed, table)
+        ctx.save_for_backward(Q, *weights, table)
+        ctx.dropout, ctx.seed, ctx.module = p > 0, seed, module
+        return V
+
+    @staticmethod
+    def backward(ctx, gV):
+        Q, W1, b1, W2, b2, table = ctx.saved_tensors
+        grads = ctx.module.tail_backward(Q.contiguous(), W1, b1, W2, b2, gV, ctx.dropout,
+                                         ctx.seed, table)
+        return *grads, None, None, None
+
+
+def _compiled_networks(x: torch.Tensor):
+    """The compiled module (glom_mnist/native.py) where it serves x: float32 or float64 on a
+    CPU, and built; None otherwise (then the pure-torch functions run)."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+            or torch.compiler.is_compiling()):  # torch.compile fuses the pure-torch functions
+        return None
+    return native.module()
+
+
 def _circular_pad(x: torch.Tensor, r: int) -> torch.Tensor:
     """`(..., C, H, W)` -> `(..., C, H + 2r, W + 2r)`, wrapping around (the torus)."""
     *lead, C, H, W = x.shape
@@ -489,9 +523,7 @@ class Glom(nn.Module):
         # the masks' seed, from the global CPU generator: deterministic under torch.manual_seed
         seed = int(torch.randint(0, 2**62, ()))
         scaled = self.A * self.dropout_scale()
-        module = None  # the compiled first layer, for float32/float64 on a CPU (see native.py)
-        if levels.device.type == "cpu" and levels.dtype in (torch.float32, torch.float64):
-            module = native.masked_taps()
+        module = _compiled_networks(levels)
         if module is not None:
             Q = _NativeMaskedTaps.apply(levels, self.route_source, scaled, self.a,
                                         self.cfg.dropout, seed, module)
@@ -525,11 +557,18 @@ class Glom(nn.Module):
         B, L, D, H, W = levels.shape
         R = len(self.routes)
         Q = self.first_layer(levels).view(B, R, D, H * W)                   # (B, R, D, H*W)
-        drops = [None, None]                                                 # on Q and on K
-        if self.training and self.cfg.dropout > 0:
-            drops = [_drop_positions(Q.numel(), self.cfg.dropout, device=Q.device) for _ in drops]
         w = 2.0 * self.dropout_scale()                                       # see _NetworkTail
-        V = _NetworkTail.apply(Q, w * self.B, 2.0 * self.b, w * self.C, 2.0 * self.c, *drops)
+        weights = (w * self.B, 2.0 * self.b, w * self.C, 2.0 * self.c)
+        p = self.cfg.dropout if self.training else 0.0
+        module = _compiled_networks(Q)
+        if module is not None:
+            seed = int(torch.randint(0, 2**62, ())) if p > 0 else 0
+            V = _NativeNetworkTail.apply(Q, *weights, p, seed, module)
+        else:
+            drops = [None, None]                                             # on Q and on K
+            if p > 0:
+                drops = [_drop_positions(Q.numel(), p, device=Q.device) for _ in drops]
+            V = _NetworkTail.apply(Q, *weights, *drops)
         # times out_scale while summing (one pass less); under autocast V is bfloat16: the sum
         # is kept in the state's own dtype
         return levels.new_zeros(B, L, D, H, W).index_add_(

@@ -1,15 +1,19 @@
-"""The compiled first layer for CPU training with the seed's input dropout (`csrc/masked_taps.cpp`).
+"""The networks compiled for a CPU (`csrc/networks.cpp`): their first layer with the seed's own
+input dropout (`model._NativeMaskedTaps`) and their 10x10 layers (`model._NativeNetworkTail`).
 
-It does what `model._MaskedTaps` does, one (image, network) tile at a time in the core's cache,
-drawing each tile's dropout from its own random stream instead of keeping the positions: a
-training iteration of the seed configuration took about two thirds of the pure-torch path's time
-on the 2-core CPU measured (README, "Speed and memory").
+Each does what its pure-torch counterpart (`_MaskedTaps`, `_NetworkTail`) does, one (image,
+network) tile at a time in the core's cache, drawing each tile's dropout from its own random
+streams and drawing it again in the backward pass instead of keeping it (the 10x10 layers
+compute their activations again too). A training iteration of the seed configuration took about
+half of the pure-torch path's time on the 2-core CPU measured (README, "Speed and memory").
 
-Built with torch's C++ extension loader the first time a CPU training step needs it (about 20 s;
-cached under `~/.cache/torch_extensions`, or `$TORCH_EXTENSIONS_DIR`), which needs a C++ compiler
-and `ninja` (`make setup` installs both). Where it cannot be built, or with `GLOM_NATIVE=0` in
-the environment, the model uses the pure-torch path, which computes the same function (with other
-random masks): tests/test_model.py checks both against the seed's formula.
+Built with torch's C++ extension loader the first time the model runs on a CPU (about 20 s;
+cached under `~/.cache/torch_extensions`, or `$TORCH_EXTENSIONS_DIR`), for the vector
+instructions torch uses on this CPU (`-ffast-math`, for the vectorised `exp` of the sigmoids),
+which needs a C++ compiler and `ninja` (`make setup` installs both). Where it cannot be built,
+with `GLOM_NATIVE=0` in the environment, on a GPU, or inside `torch.compile`, the model runs the
+pure-torch functions, which compute the same (with other random masks): tests/test_model.py
+checks both against the seed's formula and each other.
 """
 from __future__ import annotations
 
@@ -19,7 +23,12 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "masked_taps.cpp"
+import torch
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "networks.cpp"
+# compiler flags for torch.backends.cpu.get_cpu_capability()'s answer (x86); none elsewhere
+VECTOR_FLAGS = {"AVX2": ["-mavx2", "-mfma"],
+                "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"]}
 _module: ModuleType | None = None
 _failure: str | None = None
 
@@ -29,7 +38,7 @@ def enabled() -> bool:
     return os.environ.get("GLOM_NATIVE", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
-def masked_taps() -> ModuleType | None:
+def module() -> ModuleType | None:
     """The compiled module (built on the first call), or None if disabled or it cannot be built
     (a warning says why, once)."""
     global _module, _failure
@@ -38,13 +47,18 @@ def masked_taps() -> ModuleType | None:
     if _module is None and _failure is None:
         try:
             load = _extension_loader()
-            _module = load("glom_masked_taps", [str(SOURCE)],
-                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+            # built for the vector instructions torch itself uses here, and named after them,
+            # so that a build cache shared by different machines never runs one on the other
+            capability = torch.backends.cpu.get_cpu_capability()
+            _module = load(f"glom_networks_{capability.lower()}", [str(SOURCE)],
+                           extra_cflags=["-O3", "-fopenmp", "-ffast-math",
+                                         *VECTOR_FLAGS.get(capability, [])],
+                           extra_ldflags=["-fopenmp"])
         except Exception as error:  # no compiler, no ninja, no BLAS symbols: fall back
             _failure = f"{type(error).__name__}: {str(error).strip().splitlines()[-1]}"
             warnings.warn(
-                f"glom_mnist: the compiled first layer ({SOURCE.name}) could not be built "
-                f"({_failure}); training on the CPU uses the pure-torch path, which is slower. "
+                f"glom_mnist: the compiled networks ({SOURCE.name}) could not be built "
+                f"({_failure}); the model uses its pure-torch path on the CPU, which is slower. "
                 "It needs a C++ compiler and the ninja package (`make setup` installs both); "
                 "set GLOM_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=2)
     return _module

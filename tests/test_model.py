@@ -86,8 +86,8 @@ def test_training_rollout_equals_the_oracle_when_dropout_keeps_everything(monkey
                                                                           input_dropout, path):
     """Training mode with masks of ones on both sides: what is left of dropout is inverted
     dropout's 1/(1-p), which the fast model folds into its weights. Rollout and every gradient
-    must equal the oracle's, with the compiled first layer and with the pure-torch one."""
-    use_first_layer(monkeypatch, path)
+    must equal the oracle's, with the compiled networks and with the pure-torch ones."""
+    use_networks(monkeypatch, path)
     torch.manual_seed(0)
     p, steps = 0.25, 5
     oracle = OracleGlom(steps=steps, dropout=p, noise=0.0).train()
@@ -111,25 +111,25 @@ def test_training_rollout_equals_the_oracle_when_dropout_keeps_everything(monkey
 def keep_everything(monkeypatch) -> None:
     """Dropout that drops nothing, in all of the model's ways to draw it: masks of ones, and
     gaps between dropped positions so long that the first one falls beyond any tensor here (the
-    gap table serves `_drop_positions` and the compiled first layer alike)."""
+    gap table serves `_drop_positions` and the compiled networks alike)."""
     monkeypatch.setattr(model_module, "_keep_mask",
                         lambda x, p: torch.ones_like(x))
     monkeypatch.setattr(model_module, "_gap_table", lambda p, device: torch.full(
         (2**16,), 2**30, dtype=torch.int64, device=device))
 
 
-def use_first_layer(monkeypatch, path: str):
-    """Make the model's CPU first layer with per-network dropout the compiled one ("native",
-    skipped where it cannot be built, unless GLOM_REQUIRE_NATIVE=1 as in CI) or the pure-torch
-    one ("torch"). Returns the compiled module, or None."""
+def use_networks(monkeypatch, path: str):
+    """Make the model's CPU networks the compiled ones ("native", skipped where they cannot be
+    built, unless GLOM_REQUIRE_NATIVE=1 as in CI) or the pure-torch ones ("torch"). Returns the
+    compiled module, or None."""
     if path == "torch":
-        monkeypatch.setattr(native, "masked_taps", lambda: None)
+        monkeypatch.setattr(native, "module", lambda: None)
         return None
-    module = native.masked_taps()
+    module = native.module()
     if module is None:
         if os.environ.get("GLOM_REQUIRE_NATIVE") == "1":
-            pytest.fail(f"the compiled first layer could not be built: {native._failure}")
-        pytest.skip(f"the compiled first layer could not be built: {native._failure}")
+            pytest.fail(f"the compiled networks could not be built: {native._failure}")
+        pytest.skip(f"the compiled networks could not be built: {native._failure}")
     return module
 
 
@@ -140,7 +140,7 @@ def test_per_network_input_dropout_is_the_seeds_column_by_column(monkeypatch, im
     over 1-p; the values the model dropped are mapped to the seed's (shift, channel) order here,
     element by element. Pure torch with 7 images: unfolded in chunks of 3, the last one short.
     Compiled: one tile per image and network, its dropped positions from `tile_drops`."""
-    module = use_first_layer(monkeypatch, path)
+    module = use_networks(monkeypatch, path)
     torch.manual_seed(0)
     p, B, H, W = 0.3, images, 5, 4
     cfg = GlomConfig.preset("seed", height=H, width=W, steps=1, dropout=p,
@@ -174,7 +174,7 @@ def test_per_network_input_dropout_is_the_seeds_column_by_column(monkeypatch, im
                 calls.append(args)
                 return module.forward(*args)
 
-        monkeypatch.setattr(native, "masked_taps", lambda: Recording())
+        monkeypatch.setattr(native, "module", lambda: Recording())
         with torch.no_grad():
             Q = model.first_layer(levels)
         (*_, seed, table), = calls
@@ -202,7 +202,7 @@ def test_per_network_input_dropout_is_the_seeds_column_by_column(monkeypatch, im
 def test_compiled_first_layer_backward_draws_the_forwards_drops_again(monkeypatch, images):
     """The compiled first layer keeps no dropped positions: its backward pass draws each tile's
     again from the seed. Numerical gradients (float64) agree only if it draws the same ones."""
-    module = use_first_layer(monkeypatch, "native")
+    module = use_networks(monkeypatch, "native")
     torch.manual_seed(0)
     levels = torch.randn(images, 3, 4, 5, 4, dtype=torch.float64, requires_grad=True)
     sources = torch.tensor([0, 1, 1, 2])                               # level 1 read twice
@@ -221,7 +221,7 @@ def test_compiled_first_layer_backward_draws_the_forwards_drops_again(monkeypatc
 def test_compiled_first_layer_drops_each_tile_at_rate_p_on_its_own(monkeypatch):
     """Each tile's positions: sorted, inside the tile, at rate p overall, the same for the same
     seed and tile, different for another tile or seed."""
-    module = use_first_layer(monkeypatch, "native")
+    module = use_networks(monkeypatch, "native")
     p, n, tiles = 0.1, 9 * 10 * 28 * 28, 40
     table = model_module._gap_table(p, torch.device("cpu")).int()
     drops = [module.tile_drops(n, 7, tile, table) for tile in range(tiles)]
@@ -234,9 +234,38 @@ def test_compiled_first_layer_drops_each_tile_at_rate_p_on_its_own(monkeypatch):
     assert not torch.equal(drops[3][:100], module.tile_drops(n, 8, 3, table)[:100])
 
 
+def test_compiled_network_tail_is_the_torch_one_with_the_positions_it_drew(monkeypatch):
+    """The compiled 10x10 layers: with no dropout, and with dropout at the positions each
+    (image, network) tile's two streams drew (`tile_drops`, streams 2 tile and 2 tile + 1),
+    they compute `_NetworkTail`'s V; their backward pass (which computes the activations and
+    draws the positions again) against numerical gradients (float64)."""
+    module = use_networks(monkeypatch, "native")
+    torch.manual_seed(0)
+    B, R, D, P = 3, 4, 5, 7
+    Q = torch.randn(B, R, D, P, dtype=torch.float64, requires_grad=True)
+    W1, W2 = (torch.randn(R, D, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    b1, b2 = (torch.randn(R, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    weights = (W1, b1, W2, b2)
+
+    def compiled(Q, W1, b1, W2, b2, p=0.3, seed=5):
+        return model_module._NativeNetworkTail.apply(Q, W1, b1, W2, b2, p, seed, module)
+
+    plain = _NetworkTail.apply(Q, *weights, None, None)
+    assert torch.allclose(compiled(Q, *weights, p=0.0), plain, atol=1e-12)
+    table = model_module._gap_table(0.3, torch.device("cpu")).int()
+    n = D * P                                                          # one tile's values
+    drops = [torch.cat([module.tile_drops(n, 5, 2 * tile + k, table) + tile * n
+                        for tile in range(B * R)]) for k in (0, 1)]
+    assert 0.2 < len(drops[0]) / Q.numel() < 0.4 and not torch.equal(drops[0], drops[1])
+    V = compiled(Q, *weights)
+    assert torch.allclose(V, _NetworkTail.apply(Q, *weights, *drops), atol=1e-12)
+    assert not torch.allclose(V, compiled(Q, *weights, seed=6))
+    assert torch.autograd.gradcheck(compiled, (Q, *weights))
+
+
 def test_native_path_can_be_switched_off_and_falls_back_with_a_warning(monkeypatch):
     monkeypatch.setenv("GLOM_NATIVE", "0")
-    assert native.masked_taps() is None
+    assert native.module() is None
     monkeypatch.setenv("GLOM_NATIVE", "1")
     monkeypatch.setattr(native, "_module", None)
     monkeypatch.setattr(native, "_failure", None)
@@ -246,8 +275,8 @@ def test_native_path_can_be_switched_off_and_falls_back_with_a_warning(monkeypat
 
     monkeypatch.setattr(native, "_extension_loader", lambda: no_compiler)
     with pytest.warns(RuntimeWarning, match="c\\+\\+: not found.*pure-torch path"):
-        assert native.masked_taps() is None
-    assert native.masked_taps() is None                              # warned once, not retried
+        assert native.module() is None
+    assert native.module() is None                              # warned once, not retried
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3])
@@ -443,7 +472,7 @@ def test_return_all_and_predict_shapes_and_majority_vote():
 
 def test_rollout_is_deterministic_on_cpu_under_a_seed():
     """Training mode (dropout and noise drawn): the same seed gives the same rollout and the
-    same gradients, bit for bit (the compiled first layer, where it is built, included)."""
+    same gradients, bit for bit (the compiled networks, where they are built, included)."""
     model = Glom(GlomConfig.preset("seed", height=6, width=6, steps=4)).train()
     images = torch.randn(3, 1, 6, 6)
     runs = []

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -281,8 +282,143 @@ torch::Tensor tile_drops(int64_t n, int64_t seed, int64_t tile, torch::Tensor ta
   return torch::tensor(kept, torch::kInt64);
 }
 
+// ---- the 10x10 layers: K = tanh(B drop(Q) + b) + Q, V = tanh(C drop(K) + c) + Q + K ----------
+// Python's `_NetworkTail` (model.py) one (image, network) tile at a time: the caller passes
+// W1 = 2B, b1 = 2b, W2 = 2C, b2 = 2c (dropout's 1/(1-p) folded in), tanh(u) being 2 sigmoid(2u) - 1.
+// The backward pass computes each tile's forward again (in the cache) instead of keeping its
+// activations, and draws its dropped positions again: it keeps nothing but Q.
+
+namespace {
+
+template <typename T>
+void sigmoid(T* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = T(1) / (T(1) + std::exp(-x[i]));
+}
+
+// One tile's activations: Qm = drop1(Q), s1 = sigmoid(W1 Qm + b1), K = Q + 2 s1 - 1,
+// Km = drop2(K), s2 = sigmoid(W2 Km + b2), each (D, P); the dropped positions into d1, d2.
+template <typename T>
+struct TailTile {
+  int64_t D, P;
+  std::vector<T> Qm, s1, K, Km, s2;
+  std::vector<int64_t> d1, d2;
+  TailTile(int64_t D_, int64_t P_)
+      : D(D_), P(P_), Qm(D_ * P_), s1(D_ * P_), K(D_ * P_), Km(D_ * P_), s2(D_ * P_) {}
+
+  void layer(const T* W, const T* b, const T* x, T* s) {   // s = sigmoid(W x + b)
+    for (int64_t o = 0; o < D; ++o) std::fill_n(s + o * P, P, b[o]);
+    gemm('N', 'N', P, D, D, T(1), x, P, W, D, T(1), s, P);
+    sigmoid(s, D * P);
+  }
+
+  void forward(const T* Q, const T* W1, const T* b1, const T* W2, const T* b2, bool dropout,
+               int64_t seed, int64_t tile, const int32_t* table) {
+    const int64_t n = D * P;
+    d1.clear();
+    d2.clear();
+    std::copy_n(Q, n, Qm.data());
+    if (dropout) drop(Qm.data(), n, seed, 2 * tile, table, &d1);
+    layer(W1, b1, Qm.data(), s1.data());
+    for (int64_t i = 0; i < n; ++i) K[i] = Q[i] + T(2) * s1[i] - T(1);
+    std::copy_n(K.data(), n, Km.data());
+    if (dropout) drop(Km.data(), n, seed, 2 * tile + 1, table, &d2);
+    layer(W2, b2, Km.data(), s2.data());
+  }
+};
+
+}  // namespace
+
+torch::Tensor tail_forward(torch::Tensor Q, torch::Tensor W1, torch::Tensor b1, torch::Tensor W2,
+                           torch::Tensor b2, bool dropout, int64_t seed, torch::Tensor table) {
+  TORCH_CHECK(Q.device().is_cpu() && Q.dim() == 4 && Q.is_contiguous(),
+              "Q must be a contiguous CPU tensor (B, R, D, P)");
+  const int64_t B = Q.size(0), R = Q.size(1), D = Q.size(2), P = Q.size(3);
+  auto V = torch::empty_like(Q);
+  AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "tail_forward", [&] {
+    const scalar_t *q = Q.const_data_ptr<scalar_t>(), *w1 = W1.const_data_ptr<scalar_t>(),
+                   *c1 = b1.const_data_ptr<scalar_t>(), *w2 = W2.const_data_ptr<scalar_t>(),
+                   *c2 = b2.const_data_ptr<scalar_t>();
+    const int32_t* tab = table.const_data_ptr<int32_t>();
+    scalar_t* v = V.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * R, 1, [&](int64_t begin, int64_t end) {
+      TailTile<scalar_t> t(D, P);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t r = tile % R, n = D * P;
+        const scalar_t* qt = q + tile * n;
+        t.forward(qt, w1 + r * D * D, c1 + r * D, w2 + r * D * D, c2 + r * D, dropout, seed,
+                  tile, tab);
+        scalar_t* vt = v + tile * n;
+        for (int64_t i = 0; i < n; ++i) vt[i] = qt[i] + t.K[i] + scalar_t(2) * t.s2[i] - scalar_t(1);
+      }
+    });
+  });
+  return V;
+}
+
+// Gradients of tail_forward's V: of Q, W1, b1, W2, b2 (the weights' summed per thread).
+std::vector<torch::Tensor> tail_backward(torch::Tensor Q, torch::Tensor W1, torch::Tensor b1,
+                                         torch::Tensor W2, torch::Tensor b2, torch::Tensor gV,
+                                         bool dropout, int64_t seed, torch::Tensor table) {
+  const int64_t B = Q.size(0), R = Q.size(1), D = Q.size(2), P = Q.size(3);
+  gV = gV.contiguous();
+  auto gQ = torch::empty_like(Q);
+  const int threads = at::get_num_threads();
+  auto gW = torch::zeros({threads, 2, R, D, D}, Q.options());          // W1's, then W2's
+  auto gb = torch::zeros({threads, 2, R, D}, Q.options());
+  AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "tail_backward", [&] {
+    const scalar_t *q = Q.const_data_ptr<scalar_t>(), *w1 = W1.const_data_ptr<scalar_t>(),
+                   *c1 = b1.const_data_ptr<scalar_t>(), *w2 = W2.const_data_ptr<scalar_t>(),
+                   *c2 = b2.const_data_ptr<scalar_t>(), *gv = gV.const_data_ptr<scalar_t>();
+    const int32_t* tab = table.const_data_ptr<int32_t>();
+    scalar_t* gq = gQ.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * R, 1, [&](int64_t begin, int64_t end) {
+      const int thread = at::get_thread_num();
+      scalar_t* gW1 = gW.mutable_data_ptr<scalar_t>() + thread * 2 * R * D * D;
+      scalar_t* gW2 = gW1 + R * D * D;
+      scalar_t* gb1 = gb.mutable_data_ptr<scalar_t>() + thread * 2 * R * D;
+      scalar_t* gb2 = gb1 + R * D;
+      TailTile<scalar_t> t(D, P);
+      const int64_t n = D * P;
+      std::vector<scalar_t> g(n), gK(n), gx(n);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t r = tile % R;
+        const scalar_t* qt = q + tile * n;
+        const scalar_t* gvt = gv + tile * n;
+        t.forward(qt, w1 + r * D * D, c1 + r * D, w2 + r * D * D, c2 + r * D, dropout, seed,
+                  tile, tab);
+        // V = Q + K + 2 s2 - 1 with s2 = sigmoid(a2): dV/da2 = 2 g, g = gV s2 (1 - s2)
+        for (int64_t i = 0; i < n; ++i) g[i] = gvt[i] * t.s2[i] * (scalar_t(1) - t.s2[i]);
+        // W2's gradient (D, D) += 2 g Km^T; column-major: its transpose = 2 Km g^T
+        gemm('T', 'N', D, D, P, scalar_t(2), t.Km.data(), P, g.data(), P, scalar_t(1),
+             gW2 + r * D * D, D);
+        for (int64_t o = 0; o < D; ++o) gb2[r * D + o] += scalar_t(2) * sum(g.data() + o * P, P);
+        // Km's gradient 2 W2^T g (D, P); column-major: its transpose = 2 g^T W2
+        gemm('N', 'T', P, D, D, scalar_t(2), g.data(), P, w2 + r * D * D, D, scalar_t(0),
+             gx.data(), P);
+        for (const int64_t pos : t.d2) gx[pos] = 0;
+        for (int64_t i = 0; i < n; ++i) gK[i] = gvt[i] + gx[i];
+        // K = Q + 2 sigmoid(a1) - 1
+        for (int64_t i = 0; i < n; ++i) g[i] = gK[i] * t.s1[i] * (scalar_t(1) - t.s1[i]);
+        gemm('T', 'N', D, D, P, scalar_t(2), t.Qm.data(), P, g.data(), P, scalar_t(1),
+             gW1 + r * D * D, D);
+        for (int64_t o = 0; o < D; ++o) gb1[r * D + o] += scalar_t(2) * sum(g.data() + o * P, P);
+        gemm('N', 'T', P, D, D, scalar_t(2), g.data(), P, w1 + r * D * D, D, scalar_t(0),
+             gx.data(), P);
+        for (const int64_t pos : t.d1) gx[pos] = 0;
+        scalar_t* gqt = gq + tile * n;
+        for (int64_t i = 0; i < n; ++i) gqt[i] = gvt[i] + gK[i] + gx[i];  // Q's three paths
+      }
+    });
+  });
+  auto gWs = gW.sum(0), gbs = gb.sum(0);
+  return {gQ, gWs[0], gbs[0], gWs[1], gbs[1]};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward);
   m.def("backward", &backward);
   m.def("tile_drops", &tile_drops);
+  m.def("tail_forward", &tail_forward);
+  m.def("tail_backward", &tail_backward);
 }
