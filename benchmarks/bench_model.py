@@ -35,7 +35,7 @@ def child(impl: str, mode: str, batch: int, steps: int, iterations: int, warmup:
     this process."""
     import os
 
-    if impl == "fast-torch":  # the fast model with its pure-torch first layer (see native.py)
+    if impl == "fast-torch":  # the fast model with its pure-torch networks (see native.py)
         os.environ["GLOM_NATIVE"] = "0"
     import torch
     import torch.nn.functional as F
@@ -57,7 +57,7 @@ def child(impl: str, mode: str, batch: int, steps: int, iterations: int, warmup:
 
         def forward():
             return model(images)
-    else:  # "fast"; "fast-torch": its pure-torch first layer; "fast-bf16": under bfloat16
+    else:  # "fast"; "fast-torch": its pure-torch networks; "fast-bf16": under bfloat16
         # autocast (CUDA only); "fast-compiled": its steps through torch.compile (the warm-up
         # run compiles)
         model = Glom(GlomConfig.preset("seed", steps=steps, dropout=dropout,
@@ -114,8 +114,8 @@ def child(impl: str, mode: str, batch: int, steps: int, iterations: int, warmup:
     else:  # growth of the process's peak RSS over what setup (imports, model, data) used
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
     return {"impl": impl, "mode": mode, "seconds": statistics.median(times), "peak_mb": peak_mb,
-            # which first layer a CPU training iteration with per-network dropout ran
-            "first_layer": "compiled" if native._module is not None else "torch"}
+            # whether the fast model's networks ran compiled (glom_mnist/native.py) or in torch
+            "networks": "compiled" if native._module is not None else "torch"}
 
 
 def measure(args: argparse.Namespace, impl: str, mode: str) -> dict:
@@ -161,9 +161,9 @@ def main() -> None:
                         help="also the fast model under bfloat16 autocast (CUDA)")
     parser.add_argument("--compile", action="store_true",
                         help="also the fast model with its steps compiled (torch.compile)")
-    parser.add_argument("--torch-first-layer", action="store_true",
-                        help="also the fast model with its pure-torch first layer (GLOM_NATIVE=0) "
-                             "instead of the compiled one")
+    parser.add_argument("--torch-networks", action="store_true",
+                        help="also the fast model with its pure-torch networks (GLOM_NATIVE=0) "
+                             "instead of the compiled ones")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -173,7 +173,7 @@ def main() -> None:
         return
 
     impls = ((["fast"] if args.only_fast else ["oracle", "fast"])
-             + (["fast-torch"] if args.torch_first_layer else [])
+             + (["fast-torch"] if args.torch_networks else [])
              + (["fast-bf16"] if args.amp else []) + (["fast-compiled"] if args.compile else []))
     results: dict[tuple[str, str], list[dict]] = {}
     for r in range(args.repeats):
@@ -201,12 +201,12 @@ def main() -> None:
         sec = statistics.median(m["seconds"] for m in ms)
         peak = max(m["peak_mb"] for m in ms)
         summary[f"{impl}_{mode}"] = {"seconds": sec, "images_per_s": args.batch / sec,
-                                     "peak_mb": peak, "first_layer": ms[0]["first_layer"],
+                                     "peak_mb": peak, "networks": ms[0]["networks"],
                                      "rounds_seconds": [m["seconds"] for m in ms]}
         print(f"{impl + ' ' + mode:20s}{sec:10.3f}{args.batch / sec:10.1f}{peak:10.0f}")
     if not args.only_fast:
         compare(summary, "oracle", "fast", "")
-    if args.torch_first_layer:
+    if args.torch_networks:
         compare(summary, "fast-torch", "fast", "native_")
         if not args.only_fast:
             compare(summary, "oracle", "fast-torch", "torch_")
