@@ -48,7 +48,9 @@ def module() -> ModuleType | None:
         try:
             load = _extension_loader()
             # built for the vector instructions torch itself uses here, and named after them,
-            # so that a build cache shared by different machines never runs one on the other
+            # so that a build cache shared by different machines never runs one on the other;
+            # -ffast-math only when compiling (linked with it, the library would set
+            # flush-to-zero for the whole process when loaded)
             capability = torch.backends.cpu.get_cpu_capability()
             _module = load(f"glom_networks_{capability.lower()}", [str(SOURCE)],
                            extra_cflags=["-O3", "-fopenmp", "-ffast-math",

@@ -1,11 +1,13 @@
-// The first layer of every network with the seed's own input dropout, on a CPU, one image and
-// one network at a time: Python's `_MaskedTaps` (glom_mnist/model.py) without its passes over
-// memory. For each (image, network) "tile" the k x k torus neighbourhoods of the network's
-// source level are unfolded into a (k*k*D, H*W) matrix X that stays in the core's cache, the
+// Every network's layers on a CPU, one (image, network) "tile" at a time, its working set in the
+// core's cache: Python's `_MaskedTaps` and `_NetworkTail` (glom_mnist/model.py) without their
+// passes over memory (glom_mnist/native.py builds this file).
+//
+// The first layer, with the seed's own input dropout: for each tile the k x k torus
+// neighbourhoods of the network's source level are unfolded into a (k*k*D, H*W) matrix X, the
 // dropped values zeroed and X multiplied by the network's (D, k*k*D) matrix. The dropped
 // positions come from the tile's own random stream (seeded with the step's seed and the tile's
 // index), as geometric gaps looked up for 16-bit uniforms (`_gap_table`), so the backward pass
-// draws them again instead of keeping them.
+// draws them again instead of keeping them. The 10x10 layers: further down.
 //
 // Layouts as in model.py: levels (B, L, D, H, W); sources (R,); A (R, D, k*k*D), column
 // (i*k + j)*D + c for tap (i, j) (offset (i - k/2, j - k/2)) and channel c; a (R, D);
