@@ -198,26 +198,6 @@ def test_per_network_input_dropout_is_the_seeds_column_by_column(monkeypatch, im
                     assert torch.allclose(Q[b, r, :, h, w], want, atol=1e-5), (r, b, h, w)
 
 
-@pytest.mark.parametrize("images", [1, 3])
-def test_compiled_first_layer_backward_draws_the_forwards_drops_again(monkeypatch, images):
-    """The compiled first layer keeps no dropped positions: its backward pass draws each tile's
-    again from the seed. Numerical gradients (float64) agree only if it draws the same ones."""
-    module = use_networks(monkeypatch, "native")
-    torch.manual_seed(0)
-    levels = torch.randn(images, 3, 4, 5, 4, dtype=torch.float64, requires_grad=True)
-    sources = torch.tensor([0, 1, 1, 2])                               # level 1 read twice
-    A = torch.randn(4, 4, 4, 3, 3, dtype=torch.float64, requires_grad=True)
-    a = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
-
-    def masked(levels, A, a, seed=123):
-        return model_module._NativeMaskedTaps.apply(levels, sources, A, a, 0.3, seed, module)
-
-    assert torch.autograd.gradcheck(masked, (levels, A, a))
-    once = masked(levels, A, a)
-    assert torch.equal(once, masked(levels, A, a))
-    assert not torch.equal(once, masked(levels, A, a, seed=124))
-
-
 def test_compiled_first_layer_drops_each_tile_at_rate_p_on_its_own(monkeypatch):
     """Each tile's positions: sorted, inside the tile, at rate p overall, the same for the same
     seed and tile, different for another tile or seed."""
@@ -279,19 +259,25 @@ def test_native_path_can_be_switched_off_and_falls_back_with_a_warning(monkeypat
     assert native.module() is None                              # warned once, not retried
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 3])
-def test_masked_taps_backward_finds_the_forwards_dropped_values_again(chunk):
-    """_MaskedTaps keeps the dropped positions, not masks or unfolded values, and unfolds again
-    in its backward pass, chunk by chunk (here 3 images: in chunks of 1, of 2 and 1, whole).
-    Numerical gradients (float64) agree only if the same values are dropped; the seed decides
-    which."""
+@pytest.mark.parametrize("path,images,chunk", [("torch", 3, 1), ("torch", 3, 2), ("torch", 3, 3),
+                                                ("native", 1, None), ("native", 3, None)])
+def test_first_layer_backward_finds_the_forwards_dropped_values_again(monkeypatch, path, images,
+                                                                      chunk):
+    """The first layer with per-network dropout keeps no masks or unfolded values. `_MaskedTaps`
+    keeps the dropped positions and unfolds again in its backward pass, chunk by chunk (here 3
+    images: in chunks of 1, of 2 and 1, whole); the compiled one keeps nothing and draws each
+    tile's positions again from the seed. Numerical gradients (float64) agree only if the same
+    values are dropped; the seed decides which."""
+    module = use_networks(monkeypatch, path)
     torch.manual_seed(0)
-    levels = torch.randn(3, 3, 4, 5, 4, dtype=torch.float64, requires_grad=True)
+    levels = torch.randn(images, 3, 4, 5, 4, dtype=torch.float64, requires_grad=True)
     sources = torch.tensor([0, 1, 1, 2])                               # level 1 read twice
     A = torch.randn(4, 4, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     a = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
 
     def masked(levels, A, a, seed=123):
+        if path == "native":
+            return model_module._NativeMaskedTaps.apply(levels, sources, A, a, 0.3, seed, module)
         return model_module._MaskedTaps.apply(levels, sources, A, a, 0.3, seed, chunk)
 
     assert torch.autograd.gradcheck(masked, (levels, A, a))

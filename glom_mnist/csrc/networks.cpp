@@ -314,6 +314,20 @@ struct TailTile {
     sigmoid(s, D * P);
   }
 
+  // The gradients of y = x' + 2 sigmoid(W drop(x) + b) - 1 (x' not through here), given y's
+  // gradient gy and s = the sigmoid: W's and b's added to gW, gb; drop(x)'s into gx (with the
+  // dropped positions zeroed); g: room for the gradient before the sigmoid, halved.
+  void backward_layer(const T* gy, const T* s, const T* x, const T* W, T* gW, T* gb,
+                      const std::vector<int64_t>& dropped, T* g, T* gx) {
+    for (int64_t i = 0; i < D * P; ++i) g[i] = gy[i] * s[i] * (T(1) - s[i]);
+    // gW (D, D) += 2 g x^T; column-major: its transpose += 2 x g^T
+    gemm('T', 'N', D, D, P, T(2), x, P, g, P, T(1), gW, D);
+    for (int64_t o = 0; o < D; ++o) gb[o] += T(2) * sum(g + o * P, P);
+    // gx (D, P) = 2 W^T g; column-major: its transpose = 2 g^T W
+    gemm('N', 'T', P, D, D, T(2), g, P, W, D, T(0), gx, P);
+    for (const int64_t pos : dropped) gx[pos] = 0;
+  }
+
   void forward(const T* Q, const T* W1, const T* b1, const T* W2, const T* b2, bool dropout,
                int64_t seed, int64_t tile, const int32_t* table) {
     const int64_t n = D * P;
@@ -389,25 +403,13 @@ std::vector<torch::Tensor> tail_backward(torch::Tensor Q, torch::Tensor W1, torc
         const scalar_t* gvt = gv + tile * n;
         t.forward(qt, w1 + r * D * D, c1 + r * D, w2 + r * D * D, c2 + r * D, dropout, seed,
                   tile, tab);
-        // V = Q + K + 2 s2 - 1 with s2 = sigmoid(a2): dV/da2 = 2 g, g = gV s2 (1 - s2)
-        for (int64_t i = 0; i < n; ++i) g[i] = gvt[i] * t.s2[i] * (scalar_t(1) - t.s2[i]);
-        // W2's gradient (D, D) += 2 g Km^T; column-major: its transpose = 2 Km g^T
-        gemm('T', 'N', D, D, P, scalar_t(2), t.Km.data(), P, g.data(), P, scalar_t(1),
-             gW2 + r * D * D, D);
-        for (int64_t o = 0; o < D; ++o) gb2[r * D + o] += scalar_t(2) * sum(g.data() + o * P, P);
-        // Km's gradient 2 W2^T g (D, P); column-major: its transpose = 2 g^T W2
-        gemm('N', 'T', P, D, D, scalar_t(2), g.data(), P, w2 + r * D * D, D, scalar_t(0),
-             gx.data(), P);
-        for (const int64_t pos : t.d2) gx[pos] = 0;
+        // V = Q + K + 2 s2 - 1, s2 = sigmoid(W2 Km + b2): Km's gradient into gx
+        t.backward_layer(gvt, t.s2.data(), t.Km.data(), w2 + r * D * D, gW2 + r * D * D,
+                         gb2 + r * D, t.d2, g.data(), gx.data());
         for (int64_t i = 0; i < n; ++i) gK[i] = gvt[i] + gx[i];
-        // K = Q + 2 sigmoid(a1) - 1
-        for (int64_t i = 0; i < n; ++i) g[i] = gK[i] * t.s1[i] * (scalar_t(1) - t.s1[i]);
-        gemm('T', 'N', D, D, P, scalar_t(2), t.Qm.data(), P, g.data(), P, scalar_t(1),
-             gW1 + r * D * D, D);
-        for (int64_t o = 0; o < D; ++o) gb1[r * D + o] += scalar_t(2) * sum(g.data() + o * P, P);
-        gemm('N', 'T', P, D, D, scalar_t(2), g.data(), P, w1 + r * D * D, D, scalar_t(0),
-             gx.data(), P);
-        for (const int64_t pos : t.d1) gx[pos] = 0;
+        // K = Q + 2 s1 - 1, s1 = sigmoid(W1 Qm + b1): Qm's gradient into gx
+        t.backward_layer(gK.data(), t.s1.data(), t.Qm.data(), w1 + r * D * D, gW1 + r * D * D,
+                         gb1 + r * D, t.d1, g.data(), gx.data());
         scalar_t* gqt = gq + tile * n;
         for (int64_t i = 0; i < n; ++i) gqt[i] = gvt[i] + gK[i] + gx[i];  // Q's three paths
       }
