@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml requirements.lock
 	  { command -v apt-get >/dev/null && apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; } || \
 	  echo "note: no C++ compiler, and g++ could not be installed: the model runs its slower pure-torch networks on the CPU"
+	@# and the compiled networks need Python's C headers (a Debian python3 without python3-dev lacks them)
+	@$(PY) -c "import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" || \
+	  { command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-dev >/dev/null; } || \
+	  echo "note: no Python.h, and python3-dev could not be installed: the model runs its slower pure-torch networks on the CPU"
 	@# build the compiled networks now (about 20 s, cached) rather than in the first run
 	$(PY) -c "from glom_mnist import native; native.module()"
 	touch $(STAMP)

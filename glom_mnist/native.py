@@ -57,7 +57,7 @@ def module() -> ModuleType | None:
                                          *VECTOR_FLAGS.get(capability, [])],
                            extra_ldflags=["-fopenmp"])
         except Exception as error:  # no compiler, no ninja, no BLAS symbols: fall back
-            _failure = f"{type(error).__name__}: {str(error).strip().splitlines()[-1]}"
+            _failure = f"{type(error).__name__}: {_reason(str(error))}"
             warnings.warn(
                 f"glom_mnist: the compiled networks ({SOURCE.name}) could not be built "
                 f"({_failure}); the model uses its pure-torch path on the CPU, which is slower. "
@@ -84,3 +84,12 @@ def _extension_loader():
     finally:
         logger.setLevel(level)
     return load
+
+
+def _reason(message: str) -> str:
+    """The telling line of a build failure: the compiler's first error (a build log's last line
+    is ninja's "build stopped"), else the message's last line."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    errors = [line for line in lines
+              if "error" in line.lower() and not line.startswith("Error building extension")]
+    return (errors or lines or ["(no message)"])[0 if errors else -1]

@@ -250,11 +250,13 @@ def test_native_path_can_be_switched_off_and_falls_back_with_a_warning(monkeypat
     monkeypatch.setattr(native, "_module", None)
     monkeypatch.setattr(native, "_failure", None)
 
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("Error building extension\nc++: not found")
+    def no_python_headers(*args, **kwargs):  # how torch's loader reports a failed build
+        raise RuntimeError("Error building extension 'x': [1/2] c++ -c x.cpp\nFAILED: x.o\n"
+                           "x.cpp:1:10: fatal error: Python.h: No such file or directory\n"
+                           "ninja: build stopped: subcommand failed.")
 
-    monkeypatch.setattr(native, "_extension_loader", lambda: no_compiler)
-    with pytest.warns(RuntimeWarning, match="c\\+\\+: not found.*pure-torch path"):
+    monkeypatch.setattr(native, "_extension_loader", lambda: no_python_headers)
+    with pytest.warns(RuntimeWarning, match="fatal error: Python.h: No such file.*pure-torch"):
         assert native.module() is None
     assert native.module() is None                              # warned once, not retried
 
