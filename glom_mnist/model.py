@@ -552,7 +552,9 @@ class Glom(nn.Module):
         inside `_NetworkTail`, whose hand-written backward made a training iteration 8% faster
         than the same products, or grouped 1x1 convolutions, through autograd (the two of which
         were equally fast; benchmarks/step_variants.py). Dropout on Q and K is drawn here, as
-        the positions it zeroes (`_drop_positions`), for every network, column and channel.
+        the positions it zeroes (`_drop_positions`), for every network, column and channel. On
+        a CPU both layers run compiled where they could be built (`_NativeMaskedTaps`,
+        `_NativeNetworkTail`, glom_mnist/native.py), one image and network at a time.
         """
         B, L, D, H, W = levels.shape
         R = len(self.routes)

@@ -28,7 +28,8 @@ import torch
 SOURCE = Path(__file__).resolve().parent / "csrc" / "networks.cpp"
 # compiler flags for torch.backends.cpu.get_cpu_capability()'s answer (x86); none elsewhere
 VECTOR_FLAGS = {"AVX2": ["-mavx2", "-mfma"],
-                "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"]}
+                "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw",
+                           "-mavx512vl"]}
 _module: ModuleType | None = None
 _failure: str | None = None
 

@@ -286,7 +286,8 @@ torch::Tensor tile_drops(int64_t n, int64_t seed, int64_t tile, torch::Tensor ta
 
 // ---- the 10x10 layers: K = tanh(B drop(Q) + b) + Q, V = tanh(C drop(K) + c) + Q + K ----------
 // Python's `_NetworkTail` (model.py) one (image, network) tile at a time: the caller passes
-// W1 = 2B, b1 = 2b, W2 = 2C, b2 = 2c (dropout's 1/(1-p) folded in), tanh(u) being 2 sigmoid(2u) - 1.
+// W1 = 2B, b1 = 2b, W2 = 2C, b2 = 2c (dropout's 1/(1-p) folded in), tanh(u) being
+// 2 sigmoid(2u) - 1.
 // The backward pass computes each tile's forward again (in the cache) instead of keeping its
 // activations, and draws its dropped positions again: it keeps nothing but Q.
 
@@ -365,7 +366,8 @@ torch::Tensor tail_forward(torch::Tensor Q, torch::Tensor W1, torch::Tensor b1, 
         t.forward(qt, w1 + r * D * D, c1 + r * D, w2 + r * D * D, c2 + r * D, dropout, seed,
                   tile, tab);
         scalar_t* vt = v + tile * n;
-        for (int64_t i = 0; i < n; ++i) vt[i] = qt[i] + t.K[i] + scalar_t(2) * t.s2[i] - scalar_t(1);
+        for (int64_t i = 0; i < n; ++i)
+          vt[i] = qt[i] + t.K[i] + scalar_t(2) * t.s2[i] - scalar_t(1);
       }
     });
   });
