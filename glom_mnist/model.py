@@ -110,6 +110,12 @@ def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * _keep_mask(x, p)
 
 
+def _tanh_of_half_(u: torch.Tensor) -> torch.Tensor:
+    """tanh(u / 2) as 2 sigmoid(u) - 1, in place: the callers put the 2 of tanh(x) =
+    2 sigmoid(2x) - 1 into the weights that make u (see _SigmoidTanh)."""
+    return u.sigmoid_().mul_(2.0).sub_(1.0)
+
+
 class _SigmoidTanh(torch.autograd.Function):
     """tanh(x) computed as 2 * sigmoid(2x) - 1, with tanh's own backward.
 
@@ -118,7 +124,7 @@ class _SigmoidTanh(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        y = (x * 2.0).sigmoid_().mul_(2.0).sub_(1.0)  # one new tensor, the rest in place
+        y = _tanh_of_half_(x * 2.0)                   # one new tensor, the rest in place
         ctx.save_for_backward(y)
         return y
 
@@ -271,10 +277,10 @@ class _MaskedTaps(torch.autograd.Function):
         dropped = []
         for s, e, X in _MaskedTaps.unfolded(levels, sources, A.shape[-1], chunk):
             zeroed = _drop_positions(X.numel(), p, generator, X.device)
-            X.view(-1).index_fill_(0, zeroed, 0.0)
+            _zeroed(X, zeroed, inplace=True)
             # the chunk's activations, finished while they are still in the cache
             Yc = torch.matmul(A_matrix, X, out=Y[s:e]).add_(bias)
-            Yc.sigmoid_().mul_(2.0).sub_(1.0) if cpu else Yc.tanh_()
+            _tanh_of_half_(Yc) if cpu else Yc.tanh_()
             dropped.append(_compact(zeroed))
         ctx.save_for_backward(levels, sources, A, Y, *dropped)
         ctx.chunk = chunk
@@ -290,12 +296,12 @@ class _MaskedTaps(torch.autograd.Function):
         chunks = _MaskedTaps.unfolded(levels, sources, k, ctx.chunk)
         for (s, e, X), zeroed in zip(chunks, dropped):
             zeroed = zeroed.long()
-            X.view(-1).index_fill_(0, zeroed, 0.0)
+            _zeroed(X, zeroed, inplace=True)
             gU = torch.ops.aten.tanh_backward(gY[s:e], Y[s:e])         # before the tanh
             ga += gU.sum((0, 3))
             gA += torch.matmul(gU, X.transpose(-1, -2)).sum(0)
             gX = torch.matmul(A.transpose(-1, -2), gU, out=X)          # (n, R, k*k*D, H*W)
-            gX.view(-1).index_fill_(0, zeroed, 0.0)
+            _zeroed(gX, zeroed, inplace=True)
             g_levels[s:e].index_add_(1, sources, _MaskedTaps.fold(gX, k, *levels.shape[2:]))
         R, D, _ = A.shape
         gA = gA.view(R, D, k, k, D).permute(0, 1, 4, 2, 3)             # (R, D, D, k, k)
@@ -343,13 +349,12 @@ class _NativeMaskedTaps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, levels, sources, A, a, p, seed, module):
-        table = _gap_table(p, levels.device).int()
+        table = _native_gap_table(p)
         A_matrix = _MaskedTaps.matrix(A)                               # (R, D, k*k*D)
         levels = levels.contiguous()
         # tanh(u) as 2 sigmoid(2u) - 1 (see _SigmoidTanh), the 2 of 2u in the weights
-        U = module.forward(levels, sources, (A_matrix * 2.0).contiguous(), a * 2.0, True, seed,
-                           table)
-        Y = U.sigmoid_().mul_(2.0).sub_(1.0)
+        U = module.forward(levels, sources, A_matrix * 2.0, a * 2.0, True, seed, table)
+        Y = _tanh_of_half_(U)
         ctx.save_for_backward(levels, sources, A_matrix, Y, table)
         ctx.seed, ctx.module, ctx.k = seed, module, A.shape[-1]
         return Y
@@ -358,8 +363,8 @@ class _NativeMaskedTaps(torch.autograd.Function):
     def backward(ctx, gY):
         levels, sources, A_matrix, Y, table = ctx.saved_tensors
         gU = torch.ops.aten.tanh_backward(gY, Y)                       # before the tanh
-        g_levels, gA, ga = ctx.module.backward(levels, sources, A_matrix.contiguous(), gU, True,
-                                               ctx.seed, table)
+        g_levels, gA, ga = ctx.module.backward(levels, sources, A_matrix, gU, True, ctx.seed,
+                                               table)
         R, D, _ = gA.shape
         gA = gA.view(R, D, ctx.k, ctx.k, D).permute(0, 1, 4, 2, 3)     # (R, D, D, k, k)
         return g_levels, None, gA, ga, None, None, None
@@ -374,10 +379,9 @@ class _NativeNetworkTail(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, Q, W1, b1, W2, b2, p, seed, module):
-        table = (_gap_table(p, Q.device).int() if p > 0
-                 else torch.zeros(2**16, dtype=torch.int32))                # not read then
-        weights = [x.contiguous() for x in (W1, b1, W2, b2)]
-        V = module.tail_forward(Q.contiguous(), *weights, p > 0, seed, table)
+        table = _native_gap_table(p)
+        Q, *weights = (x.contiguous() for x in (Q, W1, b1, W2, b2))
+        V = module.tail_forward(Q, *weights, p > 0, seed, table)
         ctx.save_for_backward(Q, *weights, table)
         ctx.dropout, ctx.seed, ctx.module = p > 0, seed, module
         return V
@@ -385,9 +389,21 @@ class _NativeNetworkTail(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gV):
         Q, W1, b1, W2, b2, table = ctx.saved_tensors
-        grads = ctx.module.tail_backward(Q.contiguous(), W1, b1, W2, b2, gV, ctx.dropout,
-                                         ctx.seed, table)
+        grads = ctx.module.tail_backward(Q, W1, b1, W2, b2, gV, ctx.dropout, ctx.seed, table)
         return *grads, None, None, None
+
+
+def _native_gap_table(p: float) -> torch.Tensor:
+    """`_gap_table` as the compiled module reads it (int32, on the CPU); zeros for p = 0, when
+    it draws nothing."""
+    return _gap_table(p, torch.device("cpu")).int() if p > 0 else torch.zeros(2**16,
+                                                                              dtype=torch.int32)
+
+
+def _mask_seed() -> int:
+    """A seed for a step's dropout masks, from the global CPU generator: deterministic under
+    torch.manual_seed."""
+    return int(torch.randint(0, 2**62, ()))
 
 
 def _compiled_networks(x: torch.Tensor):
@@ -520,8 +536,7 @@ class Glom(nn.Module):
         (`_NativeMaskedTaps`) where it could be built, `_MaskedTaps` otherwise."""
         B, L, D, H, W = levels.shape
         R = len(self.routes)
-        # the masks' seed, from the global CPU generator: deterministic under torch.manual_seed
-        seed = int(torch.randint(0, 2**62, ()))
+        seed = _mask_seed()
         scaled = self.A * self.dropout_scale()
         module = _compiled_networks(levels)
         if module is not None:
@@ -564,7 +579,7 @@ class Glom(nn.Module):
         p = self.cfg.dropout if self.training else 0.0
         module = _compiled_networks(Q)
         if module is not None:
-            seed = int(torch.randint(0, 2**62, ())) if p > 0 else 0
+            seed = _mask_seed() if p > 0 else 0
             V = _NativeNetworkTail.apply(Q, *weights, p, seed, module)
         else:
             drops = [None, None]                                             # on Q and on K

@@ -279,8 +279,8 @@ torch::Tensor tile_drops(int64_t n, int64_t seed, int64_t tile, torch::Tensor ta
   TORCH_CHECK(table.scalar_type() == torch::kInt32 && table.numel() == 65536,
               "the gap table must be 65536 int32 values");
   std::vector<int64_t> kept;
-  std::vector<float> X(n);
-  drop(X.data(), n, seed, tile, table.const_data_ptr<int32_t>(), &kept);
+  Drops drops(seed, tile, table.const_data_ptr<int32_t>());
+  for (int64_t pos = drops.next(); pos < n; pos = drops.next()) kept.push_back(pos);
   return torch::tensor(kept, torch::kInt64);
 }
 
