@@ -19,9 +19,11 @@ gaps looked up for 16-bit uniforms (`_drop_positions`), a tenth of the random bi
 Dropout on the networks' inputs, in training: the seed draws a separate mask for every network's
 90 inputs of every column, which `input_dropout="per_network"` (the default) reproduces: the
 neighbourhoods unfolded a few images at a time, their dropped values zeroed at positions drawn
-as geometric gaps, one matrix product per network (`_MaskedTaps`); on a CPU, compiled where it
-can be built (`_NativeMaskedTaps`, glom_mnist/native.py): the same one image and network at a
-time, in the cache, a third less time per training iteration. `input_dropout="shared"`
+as geometric gaps, one matrix product per network (`_MaskedTaps`). On a CPU both layers run
+compiled where they can be built (`_NativeMaskedTaps`, `_NativeNetworkTail`,
+glom_mnist/native.py): the same functions one image and network at a time, in the cache (a
+training iteration in 0.55x the pure-torch time: benchmarks/results/cpu_2core_native_tail.json).
+`input_dropout="shared"`
 drops each state value once for all the networks and neighbourhoods that read it, and keeps the
 one convolution (GlomConfig).
 Axes everywhere: B batch, L levels, D dim, H, W pixels, T steps, R networks ("routes").
