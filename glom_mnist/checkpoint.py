@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from .config import GlomConfig
+from .config import GlomConfig, PatchGlomConfig, config_from_dict
 from .model import Glom
+from .patch_glom import PatchGlom
 
 FORMAT = "glom-mnist-checkpoint"
 VERSION = 1
@@ -107,13 +108,18 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return obj
 
 
-def model_from_checkpoint(obj: dict[str, Any], path: str | Path = "checkpoint") -> Glom:
-    """Rebuild the Glom of a checkpoint dict (config, then weights)."""
+def build_model(cfg: GlomConfig | PatchGlomConfig) -> Glom | PatchGlom:
+    """A fresh model of the family `cfg` belongs to."""
+    return PatchGlom(cfg) if isinstance(cfg, PatchGlomConfig) else Glom(cfg)
+
+
+def model_from_checkpoint(obj: dict[str, Any], path: str | Path = "checkpoint") -> Glom | PatchGlom:
+    """Rebuild the model of a checkpoint dict (config, then weights)."""
     try:
-        cfg = GlomConfig.from_dict(obj["config"])
+        cfg = config_from_dict(obj["config"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path} has an unknown or invalid config: {err}") from None
-    model = Glom(cfg)
+    model = build_model(cfg)
     try:
         model.load_state_dict(obj["state_dict"])
     except (KeyError, RuntimeError) as err:

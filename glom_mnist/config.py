@@ -134,3 +134,84 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The seed plus a real consensus attention, with the input level held fixed.
     "consensus": {**SEED, "attention": True, "clamp_input": True},
 }
+
+
+@dataclass(frozen=True)
+class PatchGlomConfig:
+    """A GLOM whose columns are image patches (glom_mnist/patch_glom.py)."""
+
+    kind: str = "patch"              # tells a checkpoint's config apart from GlomConfig's
+    patch: int = 4                   # each column covers patch x patch pixels
+    stem: int = 8                    # level 0 embeds the stem x stem pixels centred on the patch
+    levels: int = 4                  # L: level 0 is the input, L-1 the object (class) level
+    dim: int = 64                    # D
+    hidden: int = 4                  # the MLPs' hidden width, in multiples of D
+    num_classes: int = 10
+    height: int = 28                 # the canvas the model was built for (any multiple of patch
+    width: int = 28                  # runs: load_checkpoint(path, height=H, width=W))
+    steps: int = 8                   # T
+    kernel: int = 3                  # consensus over the kernel x kernel neighbouring columns
+    bottom_up: bool = True
+    top_down: bool = True
+    consensus: bool = True
+    positional: bool = True          # the column's position goes into the top-down networks
+    pos_freqs: int = 4               # sinusoids per axis (wavelengths 2*patch * 2**k)
+    loss_steps: int = 4              # the loss averages the last loss_steps steps' columns
+
+    def __post_init__(self) -> None:
+        for name in ("patch", "stem", "levels", "dim", "hidden", "num_classes", "height", "width",
+                     "steps", "kernel", "pos_freqs", "loss_steps"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"PatchGlomConfig: {name} must be a positive integer, got {value!r}")
+        if self.kind != "patch":
+            raise ValueError(f"PatchGlomConfig: kind must be 'patch', got {self.kind!r}")
+        if self.levels < 2:
+            raise ValueError(f"PatchGlomConfig: levels must be >= 2, got {self.levels}")
+        if self.stem < self.patch or (self.stem - self.patch) % 2:
+            raise ValueError(f"PatchGlomConfig: stem ({self.stem}) must be patch ({self.patch}) "
+                             "plus an even margin")
+        if self.kernel % 2 == 0:
+            raise ValueError(f"PatchGlomConfig: kernel must be odd, got {self.kernel}")
+        if self.height % self.patch or self.width % self.patch:
+            raise ValueError(f"PatchGlomConfig: height and width must be multiples of patch "
+                             f"({self.patch}), got {self.height}x{self.width}")
+        if self.loss_steps > self.steps:
+            raise ValueError(f"PatchGlomConfig: loss_steps ({self.loss_steps}) must be <= steps "
+                             f"({self.steps})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PatchGlomConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"PatchGlomConfig: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "PatchGlomConfig":
+        return self.from_dict({**self.to_dict(), **changes})
+
+
+PATCH_PRESETS: dict[str, dict[str, Any]] = {
+    # the stronger GLOM: 4x4-pixel columns, 4 levels of 64, 8 steps
+    "patch": {},
+    # the same under 25,000 parameters
+    "patch_small": dict(dim=32, hidden=2, levels=3),
+}
+
+
+def model_config(preset: str, **overrides: Any) -> "GlomConfig | PatchGlomConfig":
+    """The config of a named preset of either family, with some fields changed."""
+    if preset in PATCH_PRESETS:
+        return PatchGlomConfig.from_dict({**PATCH_PRESETS[preset], **overrides})
+    return GlomConfig.preset(preset, **overrides)
+
+
+def config_from_dict(values: dict[str, Any]) -> "GlomConfig | PatchGlomConfig":
+    """A checkpoint's config, of the family its `kind` names (none: the seed's state grid)."""
+    if values.get("kind") == "patch":
+        return PatchGlomConfig.from_dict(values)
+    return GlomConfig.from_dict(values)

@@ -33,7 +33,7 @@ def evaluate_model(model: Glom, images: torch.Tensor, labels: torch.Tensor, *,
     device = next(model.parameters()).device
     C = model.cfg.num_classes
     confusion = torch.zeros(C, C, dtype=torch.long)
-    correct_columns = agree = 0
+    correct_columns = agree = columns = 0
     start = time.perf_counter()
     batches = range(0, len(images), batch_size)
     for i in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
@@ -42,11 +42,11 @@ def evaluate_model(model: Glom, images: torch.Tensor, labels: torch.Tensor, *,
         votes = model.votes(model(x, steps=steps))                      # (B, H, W)
         majority = model.majority(votes)                                # (B,)
         correct_columns += (votes == y[:, None, None]).sum().item()
+        columns += votes.numel()
         agree += (votes == votes[:, :1, :1]).flatten(1).all(1).sum().item()
         confusion += torch.bincount((y * C + majority).cpu(), minlength=C * C).reshape(C, C)
     model.train(was_training)
     n = len(images)
-    columns = n * model.cfg.height * model.cfg.width
     per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
     return {
         "images": n,

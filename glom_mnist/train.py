@@ -27,14 +27,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import (default_device, git_commit, model_from_checkpoint, provenance,
-                         read_checkpoint, save_checkpoint)
-from .config import GlomConfig, PRESETS
+from .checkpoint import (build_model, default_device, git_commit, model_from_checkpoint,
+                         provenance, read_checkpoint, save_checkpoint)
+from .config import GlomConfig, PATCH_PRESETS, PRESETS, PatchGlomConfig, model_config
 from .evaluate import evaluate_model
 from .model import Glom
+from .patch_glom import PatchGlom
 
 
 LOSSES = ("mse", "cross_entropy")
+OPTIMIZERS = ("adam", "adamw")
+ALL_PRESETS = sorted([*PRESETS, *PATCH_PRESETS])
 
 
 @dataclass
@@ -52,8 +55,11 @@ class TrainConfig:
     loss: str = "mse"                 # "mse" (seed) or "cross_entropy" (columns' vectors as logits)
     seed: int = 0
     limit_train: int | None = None    # train on the first N images only (smoke runs)
+    val: int = 0                      # hold out the last N training images (the validation
+                                      # split: the curve, and every choice); 0: train on all,
+                                      # and draw the curve on the test images (no choice)
     eval_every: int = 250             # iterations between evaluations on the held-out slice
-    eval_images: int = 500            # the first N test images (used for the curve only)
+    eval_images: int = 500            # the curve's held-out images: the first N of them
     checkpoint_every: int = 100       # iterations between resumable checkpoints ...
     checkpoint_minutes: float = 5.0   # ... or minutes, whichever comes first
     max_minutes: float | None = None  # stop (resumably) after this much wall time
@@ -66,6 +72,11 @@ class TrainConfig:
                                       # (see revive_saturated_units)
     hard_weight: float = 0.0          # an image the batch's rollout votes wrong counts
                                       # 1 + hard_weight times in the loss (0: the seed's plain mean)
+    optimizer: str = "adam"           # "adam" (seed) or "adamw" (decoupled weight decay)
+    weight_decay: float = 0.0
+    warmup: int = 0                   # iterations of linear learning-rate warm-up
+    shift: int = 0                    # augmentation: shift each image by up to this many pixels
+    label_smoothing: float = 0.0      # patch presets' cross-entropy
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -83,11 +94,16 @@ class TrainConfig:
                              f"got {self.hard_weight}")
         if self.revive and not self.init:
             raise ValueError("--revive restarts units of a trained model: give --init")
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.preset not in ALL_PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {ALL_PRESETS}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in ("val", "warmup", "shift"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
-    def model_config(self) -> GlomConfig:
-        return GlomConfig.preset(self.preset, **self.model_overrides)
+    def model_config(self) -> GlomConfig | PatchGlomConfig:
+        return model_config(self.preset, **self.model_overrides)
 
 
 def batch_indices(n: int, batch_size: int, iteration: int, seed: int) -> torch.Tensor:
@@ -158,9 +174,28 @@ def revive_saturated_units(model: Glom, images: torch.Tensor,
 
 
 def learning_rate(cfg: TrainConfig, iteration: int) -> float:
+    """Linear warm-up over cfg.warmup iterations, then constant or a cosine down to 0."""
+    if iteration < cfg.warmup:
+        return cfg.lr * (iteration + 1) / cfg.warmup
     if cfg.schedule == "constant":
         return cfg.lr
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * iteration / cfg.iterations))
+    progress = (iteration - cfg.warmup) / max(1, cfg.iterations - cfg.warmup)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
+
+
+def random_shift(images: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Each image moved by its own random offset of up to `pixels` in each direction, the
+    uncovered border filled with the image's edge values (MNIST's background)."""
+    B, _, H, W = images.shape
+    padded = F.pad(images, (pixels,) * 4, mode="replicate")
+    dy, dx = torch.randint(0, 2 * pixels + 1, (2, B)).tolist()
+    return torch.stack([padded[i, :, y:y + H, x:x + W] for i, (y, x) in enumerate(zip(dy, dx))])
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class Trainer:
@@ -183,14 +218,14 @@ class Trainer:
         else:
             torch.manual_seed(cfg.seed)
             self.model = (self._initial_weights(cfg.init) if cfg.init
-                          else Glom(cfg.model_config())).to(self.device)
+                          else build_model(cfg.model_config())).to(self.device)
             if cfg.revive:
                 revived = revive_saturated_units(self.model, images[:cfg.batch_size].to(self.device))
                 print(f"--revive: restarted {len(revived)} first-layer unit(s) stuck at +-1: "
                       + ", ".join(f"{n} {s}->{t} unit {u}" for n, s, t, u in revived), file=sys.stderr)
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+            self.optimizer = make_optimizer(cfg, self.model)
 
-    def _initial_weights(self, path: str | Path) -> Glom:
+    def _initial_weights(self, path: str | Path) -> Glom | PatchGlom:
         """This run's model (--preset/--set) with the weights of checkpoint `path`.
 
         The two configs may differ in fields that own no weights (attention, clamp_input,
@@ -198,7 +233,7 @@ class Trainer:
         switched on is one such run. A change that alters the weights' shapes is refused.
         """
         source = model_from_checkpoint(read_checkpoint(path), path)
-        model = Glom(self.cfg.model_config())
+        model = build_model(self.cfg.model_config())
         want, have = model.cfg.to_dict(), source.cfg.to_dict()
         differ = ", ".join(f"{k} (run {want[k]!r}, checkpoint {have[k]!r})"
                            for k in want if want[k] != have[k])
@@ -224,7 +259,7 @@ class Trainer:
             raise ValueError(f"{path} was trained with --loss {saved_loss}; resume it with "
                              f"--loss {saved_loss} (this run asks for {self.cfg.loss})")
         self.model = model_from_checkpoint(obj, path).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
+        self.optimizer = make_optimizer(self.cfg, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
         if self.device.type == "cuda" and state.get("rng_cuda") is not None:
@@ -253,14 +288,20 @@ class Trainer:
         x, y = self.images[idx].to(self.device), self.labels[idx].to(self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, self.iteration)
+        if cfg.shift:
+            x = random_shift(x, cfg.shift)
         self.model.train()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and self.device.type == "cuda"):
-            levels = self.model(x)
-        with torch.no_grad():
-            correct = self.model.majority(self.model.votes(levels)) == y
-        # hard examples: the images this very rollout gets wrong weigh 1 + hard_weight
-        weights = 1.0 + cfg.hard_weight * (~correct).float() if cfg.hard_weight else None
-        loss = top_level_loss(self.model, levels.float(), y, cfg.loss, weights)
+        if isinstance(self.model, PatchGlom):
+            loss, correct = self.model.loss(x, y, cfg.label_smoothing)
+        else:
+            with torch.autocast("cuda", dtype=torch.bfloat16,
+                                enabled=cfg.amp and self.device.type == "cuda"):
+                levels = self.model(x)
+            with torch.no_grad():
+                correct = self.model.majority(self.model.votes(levels)) == y
+            # hard examples: the images this very rollout gets wrong weigh 1 + hard_weight
+            weights = 1.0 + cfg.hard_weight * (~correct).float() if cfg.hard_weight else None
+            loss = top_level_loss(self.model, levels.float(), y, cfg.loss, weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -397,24 +438,33 @@ def lineage_log(checkpoint: str | Path) -> list[dict[str, Any]]:
 
 
 def load_training_data(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
-    """(train images, train labels, eval images, eval labels), normalised, from cfg.root."""
+    """(train images, train labels, held-out images, held-out labels), normalised, from
+    cfg.root. Held out: the first cfg.eval_images of the last cfg.val training images (the
+    validation split, on which every choice is made), or with val=0 of the test images (a
+    curve only)."""
     from .data import load_split, normalise, prepare
 
     prepare(cfg.dataset, cfg.root)
     images, labels = load_split(cfg.dataset, cfg.root, train=True)
-    test_images, test_labels = load_split(cfg.dataset, cfg.root, train=False)
+    if cfg.val:
+        if cfg.val >= len(images):
+            raise ValueError(f"--val {cfg.val} leaves no training images (there are {len(images)})")
+        held_images, held_labels = images[-cfg.val:], labels[-cfg.val:]
+        images, labels = images[:-cfg.val], labels[:-cfg.val]
+    else:
+        held_images, held_labels = load_split(cfg.dataset, cfg.root, train=False)
+    held_images, held_labels = held_images[:cfg.eval_images], held_labels[:cfg.eval_images]
     if cfg.limit_train:
         images, labels = images[:cfg.limit_train], labels[:cfg.limit_train]
-    test_images, test_labels = test_images[:cfg.eval_images], test_labels[:cfg.eval_images]
     return (normalise(images, cfg.dataset), labels,
-            normalise(test_images, cfg.dataset), test_labels)
+            normalise(held_images, cfg.dataset), held_labels)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Every option defaults to None ("not given"): a new run then takes TrainConfig's default, a
     # resumed one its own saved value (see config_from_args).
     defaults = TrainConfig()
-    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+    parser.add_argument("--preset", default=None, choices=ALL_PRESETS,
                         help=f"model preset (default {defaults.preset})")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a model config field, e.g. --set dropout=0 --set steps=20")
@@ -425,13 +475,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
             parser.add_argument(flag, action="store_true", default=None)
-        elif f.name == "loss":
-            parser.add_argument(flag, choices=LOSSES, default=None, help=f"(default {default})")
+        elif f.name in ("loss", "optimizer"):
+            parser.add_argument(flag, choices=LOSSES if f.name == "loss" else OPTIMIZERS,
+                                default=None, help=f"(default {default})")
         else:
             kind = {"iterations": int, "batch_size": int, "seed": int, "limit_train": int,
                     "eval_every": int, "eval_images": int, "checkpoint_every": int,
-                    "lr": float, "checkpoint_minutes": float, "max_minutes": float,
-                    "hard_weight": float}.get(f.name, str)
+                    "val": int, "warmup": int, "shift": int, "lr": float,
+                    "checkpoint_minutes": float, "max_minutes": float, "hard_weight": float,
+                    "weight_decay": float, "label_smoothing": float}.get(f.name, str)
             parser.add_argument(flag, type=kind, default=None, help=f"(default {default})")
     parser.add_argument("--resume", default=None,
                         help="a runs/*/last.pt to continue from, with that run's own settings "
@@ -446,19 +498,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given: dict[str, Any] = {n: getattr(args, n) for n in fields - {"model_overrides"}
                              if getattr(args, n) is not None}
-    if args.set:
-        given["model_overrides"] = parse_overrides(args.set)
     saved: dict[str, Any] = {}
     if args.resume:
         state = read_checkpoint(args.resume).get("training") or {}
         saved = {k: v for k, v in (state.get("train_config") or {}).items() if k in fields}
+    if args.set:
+        preset = given.get("preset", saved.get("preset", TrainConfig.preset))
+        given["model_overrides"] = parse_overrides(args.set, preset)
     return TrainConfig(**{**saved, **given})
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+def parse_overrides(pairs: list[str], preset: str = "seed") -> dict[str, Any]:
     """`['dropout=0', 'accumulate=2,4']` -> {'dropout': 0.0, 'accumulate': (2, 4)}, typed by
-    the GlomConfig field's default."""
-    defaults = GlomConfig().to_dict()
+    the field's default in the preset's config."""
+    defaults = model_config(preset).to_dict() if preset in ALL_PRESETS else GlomConfig().to_dict()
     out: dict[str, Any] = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")

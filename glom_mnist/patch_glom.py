@@ -1,0 +1,220 @@
+"""A stronger GLOM: columns for patches, the paper's weighted average, a real consensus.
+
+Hinton, "How to represent part-whole hierarchies in a neural network" (arXiv:2102.12627), as the
+paper describes it rather than as the seed's cellular automaton does:
+
+- a column per image patch (here 4x4 pixels), each holding L level embeddings of D numbers;
+- level 0 is the input: an embedding of the pixels around the column's patch, held fixed;
+- every step, each level l >= 1 becomes the average of four contributions:
+    its previous value,
+    a bottom-up message   (an MLP of level l-1 in the same column),
+    a top-down message    (an MLP of level l+1 and the column's position; none for the top level),
+    the consensus         (the attention-weighted average of level l in the neighbouring columns,
+                           weighted by how much the embeddings already agree: no learned queries
+                           or keys, so agreement is what attracts and islands can form);
+- embeddings are layer-normalised after every step (no wrap-around at the canvas edges);
+- each column reads its class scores off its top level (one linear map shared by all columns);
+  the image's label is the majority vote of its columns. No global pooling.
+
+The weights do not depend on the canvas size, and the positional signal is a set of sinusoids of
+the column's pixel coordinates, so a model trained on 28x28 runs on any canvas whose sides are
+multiples of the patch size (`load_checkpoint(path, height=H, width=W)`).
+
+Shapes: B batch, h x w columns (H/patch x W/patch), L levels, D dim, C classes, T steps. The state
+is kept as `(B, h, w, L, D)` inside (the MLPs act on the last axis); `forward` returns the
+islands' convention `(B, L, D, h, w)`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PatchGlomConfig
+
+
+class LevelMLPs(nn.Module):
+    """One two-layer MLP per level, each applied to every column of its level:
+    `(G, B, n, Din) -> (G, B, n, Dout)` for G levels."""
+
+    def __init__(self, groups: int, d_in: int, d_hidden: int, d_out: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(groups, d_in, d_hidden) / math.sqrt(d_in))
+        self.b1 = nn.Parameter(torch.zeros(groups, 1, d_hidden))
+        self.w2 = nn.Parameter(torch.randn(groups, d_hidden, d_out) / math.sqrt(d_hidden))
+        self.b2 = nn.Parameter(torch.zeros(groups, 1, d_out))
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """`extra` `(G, n, d_hidden)`: a per-column term added to the hidden layer's input."""
+        G, B, n, _ = x.shape
+        pre = torch.baddbmm(self.b1, x.reshape(G, B * n, -1), self.w1).view(G, B, n, -1)
+        if extra is not None:
+            pre = pre + extra[:, None]
+        hidden = F.gelu(pre).view(G, B * n, -1)
+        return torch.baddbmm(self.b2, hidden, self.w2).view(G, B, n, -1)
+
+
+def positions(h: int, w: int, patch: int, freqs: int, device: torch.device) -> torch.Tensor:
+    """Sinusoids of each column's centre in pixels, wavelengths 2*patch * 2**k: `(h, w, 4*freqs)`.
+    Defined for any canvas, so the top-down networks see the same code for the same place."""
+    y = (torch.arange(h, device=device) + 0.5) * patch
+    x = (torch.arange(w, device=device) + 0.5) * patch
+    omega = 2 * math.pi / (2 * patch * 2.0 ** torch.arange(freqs, device=device))   # (F,)
+    ay, ax = y[:, None] * omega, x[:, None] * omega                                 # (h, F), (w, F)
+    code_y = torch.cat([ay.sin(), ay.cos()], -1)[:, None].expand(h, w, 2 * freqs)
+    code_x = torch.cat([ax.sin(), ax.cos()], -1)[None, :].expand(h, w, 2 * freqs)
+    return torch.cat([code_y, code_x], -1)
+
+
+class PatchGlom(nn.Module):
+    """GLOM with patch columns. `model(images)` -> the final levels `(B, L, D, h, w)`."""
+
+    def __init__(self, cfg: PatchGlomConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch = cfg.patch
+        L, D, P = cfg.levels, cfg.dim, cfg.patch
+        hidden = cfg.hidden * D
+        # level 0: the pixels of a stem x stem window centred on each patch, embedded linearly
+        self.embed = nn.Conv2d(1, D, cfg.stem, stride=P, padding=(cfg.stem - P) // 2)
+        # where levels 1..L-1 start: one learned embedding per level, the same in every column
+        self.start = nn.Parameter(torch.randn(L - 1, 1, 1, D))
+        self.bottom_up = LevelMLPs(L - 1, D, hidden, D) if cfg.bottom_up else None   # l-1 -> l
+        self.top_down = LevelMLPs(L - 2, D, hidden, D) if cfg.top_down and L > 2 else None
+        # the column's position enters the top-down networks' hidden layer (l+1 -> l)
+        self.where = (nn.Parameter(torch.zeros(L - 2, 4 * cfg.pos_freqs, hidden))
+                      if self.top_down is not None and cfg.positional else None)
+        self.readout = nn.Linear(D, cfg.num_classes)        # each column's class scores
+
+    # ---- the contributions ------------------------------------------------------------------
+    def consensus(self, levels: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
+        """Each embedding's attention-weighted average over the same level of the neighbouring
+        columns (`near` `(n, n)`: True for the k x k neighbours, itself and columns past the
+        canvas edge excluded). Weight of neighbour y for column x: softmax_y(<e_x, e_y>/sqrt(D)).
+        `(G, B, n, D) -> (G, B, n, D)`."""
+        G, B, n, D = levels.shape
+        e = levels.reshape(G * B, n, D)
+        similarity = torch.baddbmm(near, e, e.transpose(1, 2), alpha=1 / math.sqrt(D))
+        return torch.bmm(similarity.softmax(-1), e).view(G, B, n, D)
+
+    def step(self, levels: torch.Tensor, context: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One GLOM step on the state `(L, B, n, D)`: every level above the input becomes the
+        mean of its previous value and the messages it receives, normalised."""
+        cfg = self.cfg
+        total = levels[1:]                                                  # previous value
+        count = 1
+        if self.bottom_up is not None:
+            total = total + self.bottom_up(levels[:-1])                     # bottom-up
+            count += 1
+        if cfg.consensus:
+            total = total + self.consensus(levels[1:], context["near"])     # consensus
+            count += 1
+        if self.top_down is not None:
+            down = self.top_down(levels[2:], context.get("where"))          # top-down to 1..L-2
+            total = torch.cat([total[:-1] + down, total[-1:]]) / torch.cat(
+                [torch.full((cfg.levels - 2, 1, 1, 1), count + 1.0, device=total.device),
+                 torch.full((1, 1, 1, 1), float(count), device=total.device)])
+        else:
+            total = total / count
+        return torch.cat([levels[:1], F.layer_norm(total, (cfg.dim,))])     # input level held
+
+    # ---- the rollout ------------------------------------------------------------------------
+    def initial_state(self, images: torch.Tensor) -> torch.Tensor:
+        """Level 0 from the image, levels 1..L-1 at their learned start: `(L, B, n, D)`."""
+        x = self.embed(images).flatten(2).transpose(1, 2)                  # (B, n, D)
+        start = self.start.expand(-1, *x.shape[:2], -1)                    # (L-1, B, n, D)
+        return F.layer_norm(torch.cat([x[None], start]), (self.cfg.dim,))
+
+    def context(self, h: int, w: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """What every step of a rollout on h x w columns shares: the consensus mask, and the
+        positions' term of the top-down networks."""
+        r = self.cfg.kernel // 2
+        y, x = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
+                              indexing="ij")
+        y, x = y.flatten(), x.flatten()
+        dy, dx = (y[:, None] - y[None]).abs(), (x[:, None] - x[None]).abs()
+        near = (dy <= r) & (dx <= r) & ((dy + dx) > 0)                     # (n, n)
+        out = {"near": torch.zeros(h * w, h * w, device=device).masked_fill(~near, float("-inf"))}
+        if self.where is not None:
+            code = positions(h, w, self.patch, self.cfg.pos_freqs, device).flatten(0, 1)  # (n, P)
+            out["where"] = torch.einsum("np,gph->gnh", code, self.where)   # (L-2, n, hidden)
+        return out
+
+    def states(self, images: torch.Tensor, steps: int | None = None) -> list[torch.Tensor]:
+        """Every state of the rollout, the initial one first: T+1 tensors `(L, B, n, D)`."""
+        self.check_images(images)
+        T = self.cfg.steps if steps is None else steps
+        if not (isinstance(T, int) and T >= 0):
+            raise ValueError(f"steps must be a non-negative integer, got {T!r}")
+        levels = self.initial_state(images)
+        context = self.context(images.shape[2] // self.patch, images.shape[3] // self.patch,
+                               images.device)
+        states = [levels]
+        for _ in range(T):
+            levels = self.step(levels, context)
+            states.append(levels)
+        return states
+
+    def grid(self, state: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """A state `(L, B, n, D)` in the islands' convention `(B, L, D, h, w)`."""
+        L, B, n, D = state.shape
+        h, w = images.shape[2] // self.patch, images.shape[3] // self.patch
+        return state.permute(1, 0, 3, 2).reshape(B, L, D, h, w)
+
+    def forward(self, images: torch.Tensor, steps: int | None = None,
+                return_all: bool = False) -> torch.Tensor:
+        """images `(B, 1, H, W)`, normalised -> the final levels `(B, L, D, h, w)`, or with
+        return_all every state `(T+1, B, L, D, h, w)`."""
+        states = self.states(images, steps)
+        if return_all:
+            return torch.stack([self.grid(s, images) for s in states])
+        return self.grid(states[-1], images)
+
+    # ---- reading the columns ----------------------------------------------------------------
+    def scores(self, levels: torch.Tensor) -> torch.Tensor:
+        """Class scores of each column from levels `(..., L, D, h, w)`: `(..., C, h, w)`."""
+        return self.readout(levels[..., -1, :, :, :].movedim(-3, -1)).movedim(-1, -3)
+
+    def column_scores(self, images: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """Each column's class scores after the rollout: `(B, C, h, w)`."""
+        return self.scores(self(images, steps=steps))
+
+    def votes(self, levels: torch.Tensor) -> torch.Tensor:
+        """Each column's class `(..., h, w)` from levels `(..., L, D, h, w)`."""
+        return self.scores(levels).argmax(-3)
+
+    def majority(self, votes: torch.Tensor) -> torch.Tensor:
+        """The image's label: the most common column vote, ties to the lowest class."""
+        return F.one_hot(votes.flatten(-2), self.cfg.num_classes).sum(-2).argmax(-1)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """Majority-vote labels `(B,)`."""
+        return self.majority(self.votes(self(images, steps=steps)))
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of every column's scores against the label, averaged over the columns
+        and the last `cfg.loss_steps` steps; and whether each image's final vote is right."""
+        states = self.states(images)[-self.cfg.loss_steps:]
+        logits = self.readout(torch.stack([s[-1] for s in states]))         # (S, B, n, C)
+        target = labels[None, :, None].expand(logits.shape[:-1])
+        loss = F.cross_entropy(logits.flatten(0, -2), target.flatten(),
+                               label_smoothing=label_smoothing)
+        with torch.no_grad():
+            right = F.one_hot(logits[-1].argmax(-1), self.cfg.num_classes).sum(1).argmax(-1) == labels
+        return loss, right
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Refuse input the model cannot read, saying what was expected."""
+        P = self.patch
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 1:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a tensor of shape (B, 1, H, W), got {shape}")
+        if images.shape[2] % P or images.shape[3] % P:
+            raise ValueError(f"image sides must be multiples of the patch size {P}, "
+                             f"got {tuple(images.shape[2:])}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floating point (normalised), got {images.dtype}")
