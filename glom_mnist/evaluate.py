@@ -24,12 +24,18 @@ from .model import Glom
 @torch.no_grad()
 def evaluate_model(model: Glom, images: torch.Tensor, labels: torch.Tensor, *,
                    batch_size: int = 500, steps: int | None = None,
-                   progress: bool = True) -> dict[str, Any]:
-    """Metrics of `model` (run in eval mode: no dropout, no noise) on normalised `images`."""
+                   progress: bool = True, dropout: bool = False) -> dict[str, Any]:
+    """Metrics of `model` on normalised `images`, run in eval mode: no dropout, no noise. With
+    `dropout`, as the seed's own test loop ran its models: dropout on (training mode), no noise."""
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"need as many labels as images (>0), got {len(images)} and {len(labels)}")
-    was_training = model.training
+    if dropout and not getattr(model.cfg, "dropout", 0):
+        raise ValueError("this model has no dropout to switch on; evaluate it without --dropout")
+    was_training, cfg = model.training, model.cfg
     model.eval()
+    if dropout:
+        model.train()
+        model.cfg = cfg.replace(noise=0.0)
     device = next(model.parameters()).device
     C = model.cfg.num_classes
     confusion = torch.zeros(C, C, dtype=torch.long)
@@ -46,6 +52,7 @@ def evaluate_model(model: Glom, images: torch.Tensor, labels: torch.Tensor, *,
         agree += (votes == votes[:, :1, :1]).flatten(1).all(1).sum().item()
         confusion += torch.bincount((y * C + majority).cpu(), minlength=C * C).reshape(C, C)
     model.train(was_training)
+    model.cfg = cfg
     n = len(images)
     per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
     return {
@@ -56,16 +63,41 @@ def evaluate_model(model: Glom, images: torch.Tensor, labels: torch.Tensor, *,
         "per_class_accuracy": [round(v, 6) for v in per_class.tolist()],
         "confusion_matrix": confusion.tolist(),
         "steps": model.cfg.steps if steps is None else steps,
+        "dropout": dropout,
         "seconds": round(time.perf_counter() - start, 2),
     }
 
 
+HEADLINE = ("majority_vote_accuracy", "per_column_accuracy", "all_columns_agree")
+
+
+def repeated_metrics(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean of each headline metric over repeated evaluations (other seeds), its standard
+    deviation (`<name>_std`) and each run's value (`<name>_runs`); the rest from the first run,
+    per-class accuracy and the confusion matrix summed over the runs."""
+    out = dict(runs[0], repeats=len(runs))
+    for key in HEADLINE:
+        values = torch.tensor([r[key] for r in runs], dtype=torch.float64)
+        out.update({key: values.mean().item(), f"{key}_std": values.std().item(),
+                    f"{key}_runs": values.tolist()})
+    confusion = torch.tensor([r["confusion_matrix"] for r in runs]).sum(0)
+    out["confusion_matrix"] = confusion.tolist()
+    out["per_class_accuracy"] = [round(v, 6) for v in
+                                 (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()]
+    return out
+
+
 def format_table(metrics: dict[str, Any]) -> str:
     """The headline metrics and per-class accuracy as a plain-text table."""
+    def value(key: str) -> str:
+        spread = f" +- {metrics[key + '_std']:.4f} over {metrics['repeats']} seeds" \
+            if key + "_std" in metrics else ""
+        return f"{metrics[key]:.4f}{spread}"
+
     lines = [f"images                  {metrics['images']}",
-             f"majority-vote accuracy  {metrics['majority_vote_accuracy']:.4f}",
-             f"per-column accuracy     {metrics['per_column_accuracy']:.4f}",
-             f"all-columns-agree       {metrics['all_columns_agree']:.4f}",
+             f"majority-vote accuracy  {value('majority_vote_accuracy')}",
+             f"per-column accuracy     {value('per_column_accuracy')}",
+             f"all-columns-agree       {value('all_columns_agree')}",
              "per-class accuracy      " + " ".join(f"{i}:{a:.3f}" for i, a in
                                                    enumerate(metrics["per_class_accuracy"]))]
     return "\n".join(lines)
@@ -83,6 +115,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the random initial state (default 0): the same seed, "
                              "device and batch size give the same metrics")
+    parser.add_argument("--dropout", action="store_true",
+                        help="dropout on, as the seed's own test loop ran (no noise)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="evaluate with seeds seed, seed+1, ...: the mean and spread")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,9 +135,17 @@ def run(args: argparse.Namespace) -> int:
     images, labels = load_split(args.dataset, args.root, train=False)
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
-    torch.manual_seed(args.seed)        # the rollout starts from uniform noise (seed-experiment.md)
-    metrics = evaluate_model(model, normalise(images, args.dataset), labels,
-                             batch_size=args.batch_size, steps=args.steps)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    runs = []
+    for seed in range(args.seed, args.seed + args.repeats):
+        torch.manual_seed(seed)         # the rollout starts from uniform noise (seed-experiment.md)
+        runs.append(evaluate_model(model, normalise(images, args.dataset), labels,
+                                   batch_size=args.batch_size, steps=args.steps,
+                                   dropout=args.dropout))
+    metrics = runs[0]
+    if args.repeats > 1:
+        metrics = repeated_metrics(runs)
     metrics.update(checkpoint=str(path), dataset=args.dataset, split="test", seed=args.seed,
                    device=str(next(model.parameters()).device),
                    data_md5=verify(args.dataset, args.root),
