@@ -338,9 +338,11 @@ class Trainer:
             raise
         finally:
             bar.close()
-            signal.signal(signal.SIGTERM, previous)
             self.save(out / "last.pt")
             self.write_log(out)
+            # only now: a SIGTERM during that save (torchrun's, stopping the other processes
+            # when one failed) must not kill it half-written
+            signal.signal(signal.SIGTERM, previous)
         done = self.iteration >= cfg.iterations
         return {"iterations": self.iteration, "finished": done, "wall_seconds": self.wall,
                 **{k: v for k, v in (self.log[-1] if self.log else {}).items()

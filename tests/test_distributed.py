@@ -4,6 +4,7 @@ Each launch starts three Python processes (torchrun and two workers): about 15 s
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -61,8 +62,18 @@ def test_the_processes_shards_are_the_single_process_batch_dealt_out(n):
             assert torch.equal(dealt, batch_indices(n, 6, iteration, 3)), (world, iteration)
 
 
+@pytest.fixture
+def one_thread():
+    """One thread for the single-process reference, as each worker has (OMP_NUM_THREADS=1): on 2
+    busy cores a second thread only spins, costing 10x the CPU time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @needs_mnist
-def test_two_processes_train_as_one_on_the_combined_batch(tmp_path):
+def test_two_processes_train_as_one_on_the_combined_batch(tmp_path, one_thread):
     overrides = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
     run = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_RUN.items()]
     done = torchrun("-m", "glom_mnist", "train", *overrides, *run, "--device", "cpu",
@@ -74,7 +85,8 @@ def test_two_processes_train_as_one_on_the_combined_batch(tmp_path):
 
     cfg = TrainConfig(model_overrides=TINY, **TINY_RUN, device="cpu", root=str(DATA),
                       out_dir=str(tmp_path / "single"))
-    single = Trainer(cfg, *load_training_data(cfg))
+    data = load_training_data(cfg)
+    single = Trainer(cfg, *data)
     single.fit(progress=False)
     shared = load_checkpoint(tmp_path / "ddp" / "last.pt", device="cpu")  # single-process code
     for name, value in single.model.state_dict().items():
@@ -83,6 +95,16 @@ def test_two_processes_train_as_one_on_the_combined_batch(tmp_path):
     log = read_checkpoint(tmp_path / "ddp" / "last.pt")["training"]["log"]
     for key in ("loss", "train_accuracy"):
         assert [r[key] for r in log] == pytest.approx([r[key] for r in single.log], rel=1e-5)
+
+    # and one process resumes the two processes' checkpoint as it resumes its own
+    more = dataclasses.replace(cfg, iterations=5)
+    resumed = [Trainer(more, *data, resume=tmp_path / run / "last.pt")
+               for run in ("ddp", "single")]
+    for r in resumed:
+        r.fit(progress=False)
+    theirs, ours = (r.model.state_dict() for r in resumed)
+    for name in ours:
+        torch.testing.assert_close(theirs[name], ours[name], rtol=1e-5, atol=1e-6)
 
 
 def test_a_resumed_run_draws_what_an_uninterrupted_one_does(tmp_path):
@@ -104,6 +126,10 @@ def test_a_failing_process_stops_the_others(tmp_path):
     # well within the 5 minutes rank 0 would otherwise wait for rank 1 in the next exchange
     assert done.returncode != 0
     assert "error: planted failure on rank 1" in done.stderr
+    # rank 0 wrote the last iteration both finished, whole, torchrun's SIGTERM notwithstanding
+    assert read_checkpoint(tmp_path / "run" / "last.pt")["training"]["iteration"] == 2
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["curve.json", "last.pt",
+                                                                    "log.csv"]
 
 
 @needs_mnist
