@@ -196,15 +196,21 @@ class PatchGlom(nn.Module):
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor,
              label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss of `images` (see states_loss) and whether each is voted right."""
+        return self.states_loss(self(images, return_all=True), labels, label_smoothing)
+
+    def states_loss(self, states: torch.Tensor, labels: torch.Tensor,
+                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of every column's scores against the label, averaged over the columns
-        and the last `cfg.loss_steps` steps; and whether each image's final vote is right."""
-        states = self.states(images)[-self.cfg.loss_steps:]
-        logits = self.readout(torch.stack([s[-1] for s in states]))         # (S, B, n, C)
-        target = labels[None, :, None].expand(logits.shape[:-1])
-        loss = F.cross_entropy(logits.flatten(0, -2), target.flatten(),
+        and the last `cfg.loss_steps` of the rollout's states `(T+1, B, L, D, h, w)`; and
+        whether each image's final vote is right `(B,)`."""
+        scores = self.scores(states[-self.cfg.loss_steps:])                # (S, B, C, h, w)
+        S, B, C, h, w = scores.shape
+        target = labels[None, :, None, None].expand(S, B, h, w)
+        loss = F.cross_entropy(scores.movedim(2, -1).reshape(-1, C), target.reshape(-1),
                                label_smoothing=label_smoothing)
         with torch.no_grad():
-            right = F.one_hot(logits[-1].argmax(-1), self.cfg.num_classes).sum(1).argmax(-1) == labels
+            right = self.majority(scores[-1].argmax(1)) == labels
         return loss, right
 
     def check_images(self, images: torch.Tensor) -> None:

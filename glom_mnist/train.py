@@ -8,6 +8,9 @@ from the command line and recorded in the checkpoint.
 Resuming: a training checkpoint holds the model, the optimiser, the torch RNG state, the
 iteration and the log; batch order is a function of (seed, epoch), so a resumed run draws the
 same batches and the same random numbers as an uninterrupted one.
+
+Under torchrun the same training runs on several processes (glom_mnist/distributed.py,
+docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -106,11 +109,14 @@ class TrainConfig:
         return model_config(self.preset, **self.model_overrides)
 
 
+EPOCH_SEED = 100_003    # epoch e of seed s is the permutation seeded s * EPOCH_SEED + e
+
+
 def batch_indices(n: int, batch_size: int, iteration: int, seed: int) -> torch.Tensor:
     """The training images of `iteration`: epochs are seeded permutations of the n images."""
     per_epoch = max(1, n // batch_size)
     epoch, i = divmod(iteration, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * EPOCH_SEED + epoch))
     return perm[i * batch_size:(i + 1) * batch_size]
 
 
@@ -285,33 +291,47 @@ class Trainer:
         """One training iteration; returns (loss, majority-vote accuracy on the batch)."""
         cfg = self.cfg
         idx = batch_indices(len(self.images), cfg.batch_size, self.iteration, cfg.seed)
+        loss, correct, _ = self.batch_loss(self.model, idx)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item(), correct.float().mean().item()
+
+    def batch_loss(self, network: torch.nn.Module,
+                   idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The loss of the training images `idx` rolled out by `network` (the model, or its
+        DistributedDataParallel wrapper), which of them the rollout votes right `(B,)`, and their
+        weights in the loss `(B,)` (None: all 1). Sets this iteration's learning rate."""
+        cfg = self.cfg
         x, y = self.images[idx].to(self.device), self.labels[idx].to(self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, self.iteration)
         if cfg.shift:
             x = random_shift(x, cfg.shift)
-        self.model.train()
-        if isinstance(self.model, PatchGlom):
-            loss, correct = self.model.loss(x, y, cfg.label_smoothing)
-        else:
-            with torch.autocast("cuda", dtype=torch.bfloat16,
-                                enabled=cfg.amp and self.device.type == "cuda"):
-                levels = self.model(x)
-            with torch.no_grad():
-                correct = self.model.majority(self.model.votes(levels)) == y
-            # hard examples: the images this very rollout gets wrong weigh 1 + hard_weight
-            weights = 1.0 + cfg.hard_weight * (~correct).float() if cfg.hard_weight else None
-            loss = top_level_loss(self.model, levels.float(), y, cfg.loss, weights)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.item(), correct.float().mean().item()
+        network.train()
+        if isinstance(self.model, PatchGlom):     # its own loss, over the last steps' columns
+            states = network(x, return_all=True)
+            loss, correct = self.model.states_loss(states, y, cfg.label_smoothing)
+            return loss, correct, None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and self.device.type == "cuda"):
+            levels = network(x)
+        with torch.no_grad():
+            correct = self.model.majority(self.model.votes(levels)) == y
+        # hard examples: the images this very rollout gets wrong weigh 1 + hard_weight
+        weights = 1.0 + cfg.hard_weight * (~correct).float() if cfg.hard_weight else None
+        return top_level_loss(self.model, levels.float(), y, cfg.loss, weights), correct, weights
 
     def evaluate(self) -> dict[str, Any]:
         metrics = evaluate_model(self.model, self.eval_images, self.eval_labels,
                                  batch_size=250, progress=False)
         return {k: metrics[k] for k in ("majority_vote_accuracy", "per_column_accuracy",
                                         "all_columns_agree")}
+
+    def all_stop(self, stop: bool) -> bool:
+        """Whether training stops after this iteration, `stop` saying whether this process asks
+        to (SIGTERM, --max-minutes). Under torchrun: whether any process asks, so that they all
+        stop after the same one (glom_mnist/distributed.py)."""
+        return stop
 
     def fit(self, progress: bool = True) -> dict[str, Any]:
         """Train until cfg.iterations (or max_minutes); checkpoint to out_dir/last.pt."""
@@ -326,7 +346,7 @@ class Trainer:
                    desc="train", dynamic_ncols=True)
         running_loss = running_acc = None
         try:
-            while self.iteration < cfg.iterations and not stop["signal"]:
+            while self.iteration < cfg.iterations:
                 t0 = time.perf_counter()
                 loss, acc = self.step()
                 dt = time.perf_counter() - t0
@@ -344,23 +364,26 @@ class Trainer:
                     if self.on_eval:
                         self.on_eval(row)
                 self.log.append(row)
-                timed_out = cfg.max_minutes is not None and \
-                    time.monotonic() - session_start > 60 * cfg.max_minutes
+                stopping = self.all_stop(stop["signal"] or (
+                    cfg.max_minutes is not None
+                    and time.monotonic() - session_start > 60 * cfg.max_minutes))
                 if (self.iteration % cfg.checkpoint_every == 0
                         or time.monotonic() - last_save > 60 * cfg.checkpoint_minutes):
                     self.save(out / "last.pt")
                     self.write_log(out)
                     last_save = time.monotonic()
-                if timed_out:
+                if stopping:
                     break
         except KeyboardInterrupt:
             print(f"\ninterrupted at iteration {self.iteration}; saving {out / 'last.pt'}")
             raise
         finally:
             bar.close()
-            signal.signal(signal.SIGTERM, previous)
             self.save(out / "last.pt")
             self.write_log(out)
+            # only now: a SIGTERM during that save (torchrun's, stopping the other processes
+            # when one failed) must not kill it half-written
+            signal.signal(signal.SIGTERM, previous)
         done = self.iteration >= cfg.iterations
         return {"iterations": self.iteration, "finished": done, "wall_seconds": self.wall,
                 **{k: v for k, v in (self.log[-1] if self.log else {}).items()
@@ -490,6 +513,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "for every option not given here")
     parser.add_argument("--save", default=None,
                         help="when finished, also write the model (no training state) here")
+    parser.add_argument("--dist-timeout", type=float, default=10.0, metavar="MINUTES",
+                        help="under torchrun: how long a process waits for the others in one "
+                             "exchange before it stops with an error (default 10; more than "
+                             "rank 0's longest evaluation)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -531,13 +558,19 @@ def parse_overrides(pairs: list[str], preset: str = "seed") -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .distributed import DistributedTrainer, processes
+
     cfg = config_from_args(args)
     data = load_training_data(cfg)
-    trainer = Trainer(cfg, *data, resume=args.resume,
-                      on_eval=lambda row: tqdm.write(
-                          f"iter {row['iteration']}: held-out majority-vote accuracy "
-                          f"{row['majority_vote_accuracy']:.4f}, loss {row['loss']:.4f}"))
-    summary = trainer.fit()
+    with processes(cfg, args.dist_timeout) as rank:     # None: a single process, not torchrun's
+        trainer = (Trainer if rank is None else DistributedTrainer)(
+            cfg, *data, resume=args.resume,
+            on_eval=lambda row: tqdm.write(
+                f"iter {row['iteration']}: held-out majority-vote accuracy "
+                f"{row['majority_vote_accuracy']:.4f}, loss {row['loss']:.4f}"))
+        summary = trainer.fit()
+    if rank:                                           # rank 0 (or a single process) reports
+        return 0
     print(json.dumps(summary, indent=1))
     if summary["finished"] and args.save:
         history = export_run(Path(cfg.out_dir) / "last.pt", args.save, metrics=summary)
