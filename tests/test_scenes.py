@@ -78,6 +78,7 @@ def test_toy_scenes_are_composed_as_documented(kind):
     assert s.images.shape == (N, 1, *KINDS[kind]) and s.objects.shape == (N, *KINDS[kind])
     assert torch.equal(s.images, normalise(s.raw, "mnist"))
     assert torch.equal(s.background, s.raw < INK)
+    assert s.background[s.raw == 60].all() and not s.background[s.raw == 255].any()  # the rims
     for i in range(N):
         present = [k for k in range(K) if s.labels[i, k] >= 0]
         assert len(present) in ((2,) if kind == "pair" else (2, 3))
@@ -102,17 +103,20 @@ def test_toy_scenes_are_composed_as_documented(kind):
 
 def test_random_scenes_keep_their_digits_apart():
     images, labels = toy_digits()
-    for gap in (0, 3):
-        s = scene_batch(images, labels, 40, torch.Generator().manual_seed(2), "random", gap=gap)
+    closest = {}
+    for gap in (0, 6):
+        s = scene_batch(images, labels, 100, torch.Generator().manual_seed(2), "random", gap=gap)
+        closest[gap] = 56
         for boxes, classes in zip(s.boxes, s.labels):
             real = boxes[classes >= 0]
             assert (real[:, :2] >= 0).all() and (real[:, 2] <= 56).all() and (real[:, 3] <= 56).all()
             for i in range(len(real)):
                 for j in range(i + 1, len(real)):
                     a, b = real[i].tolist(), real[j].tolist()
-                    apart = (b[0] >= a[2] + gap or a[0] >= b[2] + gap
-                             or b[1] >= a[3] + gap or a[1] >= b[3] + gap)
-                    assert apart, (a, b, gap)
+                    distance = max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3])
+                    assert distance >= gap, (a, b, gap)
+                    closest[gap] = min(closest[gap], distance)
+    assert closest == {0: 0, 6: 6}                                       # they do come that close
 
 
 def test_bad_input_is_refused_with_a_clear_message():
