@@ -103,6 +103,8 @@ def scene_batch(images: torch.Tensor, labels: torch.Tensor, n: int, generator: t
     sizes = [2] if kind == "pair" else sorted(set(counts))
     if not sizes or min(sizes) < 1:
         raise ValueError(f"counts must be positive numbers of digits, got {counts!r}")
+    if gap < 0:
+        raise ValueError(f"gap must be >= 0 pixels, got {gap}")
     K = max(sizes)
     number = torch.tensor(sizes)[torch.randint(len(sizes), (n,), generator=generator)]  # (n,)
     present = torch.arange(K) < number[:, None]                          # (n, K)
@@ -137,6 +139,9 @@ def test_scenes(kind: str, n: int, seed: int = 0, *, root: str | Path = "data",
     images, labels = load_split(name, root, train=train)
     generator = torch.Generator().manual_seed(seed)
     return scene_batch(images, labels, n, generator, kind, name=name, **options)
+
+
+test_scenes.__test__ = False  # a builder of test data, not a test, should a test module import it
 
 
 def _pick_digits(labels: torch.Tensor, n: int, K: int, distinct: bool,

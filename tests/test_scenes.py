@@ -126,6 +126,8 @@ def test_bad_input_is_refused_with_a_clear_message():
         scene_batch(images, labels, 2, g, "triple")
     with pytest.raises(ValueError, match="uint8"):
         scene_batch(images.float(), labels, 2, g)
+    with pytest.raises(ValueError, match="gap must be >= 0"):
+        scene_batch(images, labels, 2, g, "random", gap=-1)
     with pytest.raises(ValueError, match="different classes need 3 classes"):
         scene_batch(images[:2], labels[:2], 2, g, "random", counts=(3,))
 
