@@ -17,6 +17,11 @@ Two neighbourhoods, on purpose:
 
 The digit mask (`digit_mask`): a column is on the digit when its pixel is brighter than half the
 way from the image's darkest to its brightest pixel; for raw MNIST that is intensity > 0.5 x max.
+
+Scenes of several digits (`glom_mnist.scenes`) ask whether the islands are the objects:
+`object_accuracy` (does each object's majority vote name it?), `adjusted_rand_index` (how well a
+partition of the columns, by island or by vote, matches the objects) and `island_containment`
+(does each island stay within one object?). They take tensors and know nothing of the model.
 """
 from __future__ import annotations
 
@@ -293,3 +298,100 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     cells = [keys] + [[str(row.get(k, "")) for k in keys] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(keys))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+# ---- scenes of several objects ------------------------------------------------------------------
+
+def adjusted_rand_index(labels_a: torch.Tensor, labels_b: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Adjusted Rand index of two partitions of each image's elements (Hubert and Arabie 1985):
+    1 for the same partition up to the names of its parts, about 0 for partitions no more alike
+    than chance given their part sizes (below 0 for less alike).
+
+    labels_a, labels_b: int `(B, ...)`, each element's part; mask: bool `(B, ...)`, only these
+    elements (e.g. the digit columns). -> float64 `(B,)`. From the contingency table n_ij of
+    the two partitions, with a_i, b_j its row and column sums and C(m) = m (m - 1) / 2:
+    ARI = (sum C(n_ij) - E) / ((sum C(a_i) + sum C(b_j)) / 2 - E), E = sum C(a_i) sum C(b_j) / C(n).
+    The denominator is 0 only when both partitions are one part, or both all single elements
+    (or n = 1): the same partition, ARI 1. An image without elements gets nan.
+    """
+    if labels_a.shape != labels_b.shape:
+        raise ValueError(f"the two labellings differ in shape: {tuple(labels_a.shape)} "
+                         f"and {tuple(labels_b.shape)}")
+    B = labels_a.shape[0]
+    a, b = labels_a.reshape(B, -1), labels_b.reshape(B, -1)
+    image = torch.arange(B, device=a.device)[:, None].expand_as(a)
+    if mask is not None:
+        keep = mask.reshape(B, -1).to(a.device)
+        image, a, b = image[keep], a[keep], b[keep]
+    image, a, b = image.reshape(-1), a.reshape(-1).long(), b.reshape(-1).long()
+
+    def pairs(m: torch.Tensor) -> torch.Tensor:
+        return m * (m - 1) / 2
+
+    def pairs_within(*parts: torch.Tensor) -> torch.Tensor:
+        """sum over the groups of elements with equal image and parts of C(group size): (B,)"""
+        total = torch.zeros(B, dtype=torch.float64, device=a.device)
+        if image.numel() == 0:
+            return total
+        key, span = torch.zeros_like(image), 1                           # one int64 per element
+        for part in parts:
+            part = part - part.min()
+            key, span = key * (int(part.max()) + 1) + part, span * (int(part.max()) + 1)
+        groups, sizes = torch.unique(image * span + key, return_counts=True)
+        return total.index_add_(0, groups // span, pairs(sizes.double()))
+
+    n = torch.bincount(image, minlength=B).double()
+    both, in_a, in_b = pairs_within(a, b), pairs_within(a), pairs_within(b)
+    total = pairs(n)
+    expected = torch.where(total > 0, in_a * in_b / total.clamp(min=1), 0.0)
+    best = (in_a + in_b) / 2
+    ari = torch.where(best > expected, (both - expected) / (best - expected), 1.0)
+    return torch.where(n > 0, ari, float("nan"))
+
+
+def object_accuracy(votes: torch.Tensor, objects: torch.Tensor, object_labels: torch.Tensor,
+                    num_classes: int = 10) -> dict[str, torch.Tensor]:
+    """Is each object recognised? Its columns' majority vote (ties to the lowest class, as
+    `majority_vote`) against its class.
+
+    votes: int `(B, H, W)` each column's class; objects: int `(B, H, W)` each column's object
+    0..K-1; object_labels: int `(B, K)` each object's class, -1 where a scene has fewer objects.
+    Returns "majority" `(B, K)` (-1 for an object without columns), "right" bool `(B, K)` (an
+    object without columns is not right), and the shares "object_accuracy" (over the objects
+    present) and "all_objects_right" (over the scenes), 0-dim.
+    """
+    B, K = object_labels.shape
+    if objects.min() < 0 or objects.max() >= K:
+        raise ValueError(f"objects must be 0..{K - 1} (object_labels has {K} per scene)")
+    key = (objects * num_classes + votes).reshape(B, -1)                 # (B, H*W)
+    key = key + torch.arange(B, device=key.device)[:, None] * (K * num_classes)
+    counts = torch.bincount(key.reshape(-1), minlength=B * K * num_classes).view(B, K, num_classes)
+    majority = torch.where(counts.sum(-1) > 0, counts.argmax(-1), -1)    # (B, K)
+    present = object_labels >= 0
+    right = present & (majority == object_labels.to(majority.device))
+    return {"majority": majority, "right": right,
+            "object_accuracy": right.sum() / present.sum(),
+            "all_objects_right": (right | ~present).all(1).float().mean()}
+
+
+def island_containment(labels: torch.Tensor, objects: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Does each island lie within one object (all its columns belong to the same object)?
+
+    labels: `islands(...).labels` `(B, L, H, W)` (-1 = no island); objects: int `(B, H, W)`.
+    Returns counts per image and level `(B, L)`: "islands" and "contained", and the same for
+    the islands of at least 2 columns, "multi_islands" and "multi_contained" (a single column
+    always lies within one object, so the share over all islands grows with their number).
+    """
+    *lead, H, W = labels.shape
+    n = H * W
+    island = labels.flatten(-2)                                          # (B, L, n)
+    slot = torch.where(island >= 0, island, n)                           # slot n: no island
+    obj = objects.flatten(-2).unsqueeze(-2).expand_as(island).to(island.device)
+    lowest = island.new_full((*lead, n + 1), n).scatter_reduce(-1, slot, obj, "amin")
+    highest = island.new_full((*lead, n + 1), -1).scatter_reduce(-1, slot, obj, "amax")
+    size = torch.zeros_like(lowest).scatter_add_(-1, slot, torch.ones_like(slot))
+    real, within = size[..., :n] > 0, (lowest == highest)[..., :n]
+    multi = size[..., :n] >= 2
+    return {"islands": real.sum(-1), "contained": (real & within).sum(-1),
+            "multi_islands": multi.sum(-1), "multi_contained": (multi & within).sum(-1)}
