@@ -130,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
               f"{run_dir!r} (log.csv, curve.json): skipping training_curve.png")
         (out / "training_curve.png").unlink(missing_ok=True)             # no stale curve
     else:
-        fig = plots.plot_training_curve(log[0])
+        # `train` scores its runs on the first --eval-images test images
+        n = model.checkpoint_info["provenance"].get("train_config", {}).get("eval_images")
+        fig = plots.plot_training_curve(log[0], eval_label=f"test (first {n})" if n else "held-out")
         fig.suptitle(f"training log: {log[1]}", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / "training_curve.png", dpi=110)
