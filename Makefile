@@ -5,9 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DATA ?= data
-# the best shipped model (README, "Results"), and the model the islands section measures
+# the best shipped model (README, "Results"); imgs/ is drawn from it
 CHECKPOINT ?= best_models/glom_seed_hard.pt
-ISLANDS_CHECKPOINT ?= best_models/glom_seed.pt
+CONSENSUS := best_models/glom_consensus.pt
+# `make notebook` as root (a container): Jupyter refuses root without --allow-root, and there
+# is no browser to open; listen on all addresses so that a published port reaches it
+NOTEBOOK_ARGS ?= $(shell [ "$$(id -u)" = 0 ] && echo --allow-root --no-browser --ip=0.0.0.0)
 
 .PHONY: setup data fashion-mnist evaluate figures test test-all train bench notebook clean-venv
 
@@ -37,20 +40,18 @@ data: setup                ## prepare MNIST under data/ (verified against the pu
 fashion-mnist: setup
 	$(PY) -m glom_mnist data fashion-mnist --root $(DATA)
 
-evaluate: data             ## evaluate the shipped checkpoint on the test set and write imgs/
+evaluate: data             ## the best model on the test set; metrics and figures in runs/evaluate/
 	@if [ ! -f $(CHECKPOINT) ]; then \
 	  echo "No trained model at $(CHECKPOINT): nothing to evaluate. Train one with 'make train'."; \
 	else \
 	  $(PY) -m glom_mnist evaluate --checkpoint $(CHECKPOINT) --root $(DATA) \
 	    --json runs/evaluate/$(notdir $(basename $(CHECKPOINT))).json && \
-	  $(MAKE) --no-print-directory figures; \
+	  $(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(CHECKPOINT) \
+	    --out runs/evaluate/$(notdir $(basename $(CHECKPOINT))); \
 	fi
 
-CONSENSUS := best_models/glom_consensus.pt
-figures: data              ## imgs/ (islands section's model), imgs/<best model>/, imgs/consensus/
-	$(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(ISLANDS_CHECKPOINT)
-	$(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(CHECKPOINT) \
-	  --out imgs/$(notdir $(basename $(CHECKPOINT)))
+figures: data              ## redraw imgs/, imgs/consensus/ (the one target that writes tracked files)
+	$(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(CHECKPOINT) --out imgs
 	@if [ -f $(CONSENSUS) ]; then \
 	  $(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(CONSENSUS) --out imgs/consensus; \
 	fi
@@ -67,5 +68,5 @@ train: data                ## train the seed preset (see README for the shipped 
 bench: setup               ## fast model vs the naive oracle, side by side (a few minutes)
 	$(PY) benchmarks/bench_model.py --json runs/bench/cpu.json
 
-notebook: data
-	$(VENV)/bin/jupyter notebook notebooks/
+notebook: data             ## Jupyter on notebooks/ (as root too: see NOTEBOOK_ARGS)
+	$(VENV)/bin/jupyter notebook $(NOTEBOOK_ARGS) notebooks/

@@ -1,7 +1,7 @@
 """GlomConfig: every knob of the GLOM state grid, and the named presets.
 
 The `seed` preset reproduces the public GLOM-on-MNIST experiment described in
-`shared/docs/seed-experiment.md`, quirks included; each quirk is commented where it is set.
+`docs/seed-experiment.md`, quirks included; each quirk is commented where it is set.
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ class GlomConfig:
 
 
 SEED: dict[str, Any] = dict(
-    # The seed experiment, exactly (shared/docs/seed-experiment.md). Its quirks:
+    # The seed experiment, exactly (docs/seed-experiment.md). Its quirks:
     levels=4, dim=10, height=28, width=28, steps=30, kernel=3,
     bottom_up=True, top_down=True,
     lateral=True,         # quirk: its only "attention" is this learned 3x3 lateral network ...

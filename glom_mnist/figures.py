@@ -1,4 +1,4 @@
-"""`python -m glom_mnist figures`: regenerate imgs/ from a shipped checkpoint.
+"""`python -m glom_mnist figures`: the figures of a checkpoint (`make figures` redraws imgs/).
 
 From the first --images test images (statistics) and the first --digits of them (pictures):
 - islands.png: each level at the final step in PCA colours, island outlines over the digit;
@@ -59,8 +59,8 @@ def _rounded(value: Any, digits: int = 5) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", default="best_models/glom_seed.pt",
-                        help="the model to draw (default: best_models/glom_seed.pt)")
+    parser.add_argument("--checkpoint", default="best_models/glom_seed_hard.pt",
+                        help="the model to draw (default: best_models/glom_seed_hard.pt, the best)")
     parser.add_argument("--root", default="data", help="data folder (default: data)")
     parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
     parser.add_argument("--out", default="imgs", help="output folder (default: imgs)")
@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     path = Path(args.checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: train it with `make train` (or pass "
-                                "--checkpoint runs/seed_fast/last.pt for the run in progress)")
+        raise FileNotFoundError(f"no checkpoint at {path}: pass --checkpoint with a file from "
+                                "best_models/ or a run's last.pt (`make train` writes one)")
     if min(args.images, args.digits, args.gif_digits) < 1 or args.digits > args.images:
         raise ValueError("--images, --digits and --gif-digits must be >= 1, --digits <= --images")
     prepare(args.dataset, args.root)
@@ -130,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
               f"{run_dir!r} (log.csv, curve.json): skipping training_curve.png")
         (out / "training_curve.png").unlink(missing_ok=True)             # no stale curve
     else:
-        fig = plots.plot_training_curve(log[0])
+        # `train` scores its runs on the first --eval-images test images
+        n = model.checkpoint_info["provenance"].get("train_config", {}).get("eval_images")
+        fig = plots.plot_training_curve(log[0], eval_label=f"test (first {n})" if n else "held-out")
         fig.suptitle(f"training log: {log[1]}", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / "training_curve.png", dpi=110)

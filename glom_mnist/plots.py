@@ -267,11 +267,12 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return (sums[1:] - sums[np.arange(1, len(values) + 1) - counts]) / counts
 
 
-def plot_training_curve(log: Sequence[Mapping[str, Any]],
-                        axes: Sequence[Axes] | None = None) -> Figure:
+def plot_training_curve(log: Sequence[Mapping[str, Any]], axes: Sequence[Axes] | None = None,
+                        eval_label: str = "held-out") -> Figure:
     """Loss vs iteration, and accuracy vs iteration and vs wall time, from a training log (rows of
-    `Trainer.log`): the batch's majority-vote accuracy (smoothed) and the held-out metrics of the
-    evaluation rows. Given `axes` (3) it clears and redraws them, for live updates."""
+    `Trainer.log`): the batch's majority-vote accuracy (smoothed) and the metrics of the
+    evaluation rows, labelled `eval_label` (say which images they are, e.g. "test (first 500)").
+    Given `axes` (3) it clears and redraws them, for live updates."""
     if axes is None:
         fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     fig = axes[0].figure
@@ -306,7 +307,8 @@ def plot_training_curve(log: Sequence[Mapping[str, Any]],
     for key, name in AGREEMENT_NAMES.items():
         if held_out and key in held_out[0]:
             values = [r[key] for r in held_out]
-            iter_ax.plot([r["iteration"] for r in held_out], values, "o-", ms=3, label=f"held-out {name}")
+            iter_ax.plot([r["iteration"] for r in held_out], values, "o-", ms=3,
+                         label=f"{eval_label} {name}")
             wall_ax.plot([r["wall"] / 60 for r in held_out], values, "o-", ms=3)
     kinds = {r.get("loss_kind", "mse") for r in train} or {"mse"}
     loss_ax.set(xlabel="iteration", ylabel=" / ".join(sorted(kinds)) + " loss", title="loss")
