@@ -128,12 +128,18 @@ def model_from_checkpoint(obj: dict[str, Any], path: str | Path = "checkpoint") 
     return model
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device | None = None) -> Glom:
+def load_checkpoint(path: str | Path, device: str | torch.device | None = None, *,
+                    height: int | None = None, width: int | None = None) -> Glom:
     """The Glom model saved at `path`, in eval mode, on `device` (default: CUDA if available).
 
-    The checkpoint's metrics and provenance are on `model.checkpoint_info`.
+    `height`, `width`: run it on images of that size instead of the size it was trained on
+    (the weights do not depend on it: a canvas of several digits, say). The checkpoint's metrics
+    and provenance are on `model.checkpoint_info`.
     """
     obj = read_checkpoint(path)
+    size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+    if size and isinstance(obj.get("config"), dict):
+        obj["config"] = {**obj["config"], **size}
     model = model_from_checkpoint(obj, path)
     model.checkpoint_info = {k: obj.get(k, {}) for k in ("metrics", "provenance")}
     return model.to(device or default_device()).eval()

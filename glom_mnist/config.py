@@ -6,12 +6,14 @@ The `seed` preset reproduces the public GLOM-on-MNIST experiment described in
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 ROLES = ("bottom_up", "lateral", "top_down")
 UPDATES = ("residual", "average")
-INPUT_DROPOUTS = ("shared", "per_network")
+# fields that configs once recorded, and the one value this code still reproduces
+RETIRED = {"input_dropout": "per_network"}
 
 
 @dataclass(frozen=True)
@@ -33,14 +35,9 @@ class GlomConfig:
     attention_weight: float = 0.1    # residual update: step towards the consensus by this much
     update: str = "residual"         # "residual": e += sum of messages; "average": mean of them
     out_scale: float = 0.01          # every network's output is multiplied by this
-    # dropout on each network's Q and K (per network and column, as in the seed) and on the
-    # state the networks read, there as input_dropout says:
+    # dropout in training on each network's inputs, Q and K, a mask of its own for every
+    # network, column and value (as in the seed: its 90 inputs of a column dropped separately)
     dropout: float = 0.1
-    # "per_network": the seed's own, every network's 90 inputs of every column dropped
-    # separately; "shared": each state value dropped once for all the networks and the 9
-    # neighbourhoods that read it (the same rate and mean as the seed's, but correlated across
-    # neighbours; 18x fewer masks, one convolution for all networks: faster to train)
-    input_dropout: str = "per_network"
     noise: float = 1e-4              # U[0, noise) added to the whole state each training step
     init_noise: float = 0.1          # initial state U[0, init_noise)
     accumulate: tuple[int, ...] = (2, 4, 8)  # save/re-add the state every steps//k steps
@@ -61,8 +58,6 @@ class GlomConfig:
         need(self.num_classes <= self.dim,
              f"num_classes ({self.num_classes}) must be <= dim ({self.dim}): the top level votes")
         need(self.update in UPDATES, f"update must be one of {UPDATES}, got {self.update!r}")
-        need(self.input_dropout in INPUT_DROPOUTS,
-             f"input_dropout must be one of {INPUT_DROPOUTS}, got {self.input_dropout!r}")
         for name in ("dropout",):
             need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("noise", "init_noise", "accumulate_scale", "attention_weight", "out_scale"):
@@ -71,8 +66,7 @@ class GlomConfig:
              f"attention_lambda must be in [0, 1], got {self.attention_lambda}")
         need(all(isinstance(k, int) and k >= 1 for k in self.accumulate),
              f"accumulate must be positive integers, got {self.accumulate!r}")
-        need(bool(self.routes()) or self.attention,
-             "at least one of bottom_up, lateral, top_down, attention must be on")
+        need(bool(self.routes()), "at least one of bottom_up, lateral, top_down must be on")
 
     def routes(self) -> list[tuple[str, int, int]]:
         """The networks as (role, source level, target level), in a fixed order."""
@@ -91,12 +85,19 @@ class GlomConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "GlomConfig":
-        """Build from a dict (e.g. a checkpoint's), refusing unknown keys."""
+        """Build from a dict (e.g. a checkpoint's), refusing unknown keys. A retired field is
+        dropped: every model now has its value in RETIRED (a warning says so where another value
+        would have trained differently; evaluation is the same)."""
+        values = dict(values)
+        for name, kept in RETIRED.items():
+            if (name in values and values.pop(name) != kept
+                    and values.get("dropout", cls.dropout) > 0):
+                warnings.warn(f"GlomConfig: {name} is no longer an option; this model trains "
+                              f"with {name}={kept!r}", RuntimeWarning, stacklevel=2)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"GlomConfig: unknown field(s) {unknown}; known: {sorted(known)}")
-        values = dict(values)
         if "accumulate" in values:
             values["accumulate"] = tuple(values["accumulate"])
         return cls(**values)
@@ -121,7 +122,6 @@ SEED: dict[str, Any] = dict(
     update="residual",    # the state grows by the sum of all messages (an NCA update)
     out_scale=0.01,
     dropout=0.1,          # quirk: never switched off in the seed (we evaluate in eval mode)
-    input_dropout="per_network",  # each network's 90 inputs of each column dropped on their own
     noise=1e-4,           # NCA-style noise, training only
     init_noise=0.1,
     accumulate=(2, 4, 8),  # "accumulated intermediate states" every 15, 7 and 3 steps

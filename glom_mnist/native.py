@@ -1,11 +1,11 @@
 """The networks compiled for a CPU (`csrc/networks.cpp`): their first layer with the seed's own
-input dropout (`model._NativeMaskedTaps`) and their 10x10 layers (`model._NativeNetworkTail`).
+input dropout (`kernels._NativeMaskedTaps`) and their 10x10 layers (`kernels._NativeNetworkTail`).
 
 Each does what its pure-torch counterpart (`_MaskedTaps`, `_NetworkTail`) does, one (image,
 network) tile at a time in the core's cache, drawing each tile's dropout from its own random
 streams and drawing it again in the backward pass instead of keeping it (the 10x10 layers
-compute their activations again too). A training iteration of the seed configuration took about
-half of the pure-torch path's time on the 2-core CPU measured (README, "Speed and memory").
+compute their activations again too). A training iteration of the seed configuration took 0.55x
+of the pure-torch path's time on the 2-core CPU measured (docs/speed.md).
 
 Built with torch's C++ extension loader the first time the model runs on a CPU (about 20 s;
 cached under `~/.cache/torch_extensions`, or `$TORCH_EXTENSIONS_DIR`), for the vector

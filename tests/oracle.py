@@ -3,7 +3,7 @@
 State `(B, H, W, L, D)`; the 3x3 torus neighbourhood is 9 rolled copies concatenated along the
 last axis; one `Linear(90 -> 10)` network per role and level, called level by level. This is
 the reference the fast `glom_mnist.Glom` is proven equal to, and the baseline of
-`benchmarks/bench_model.py`. It follows `shared/docs/seed-experiment.md` and nothing else.
+`benchmarks/bench_model.py`. It follows docs/seed-experiment.md and nothing else.
 """
 from __future__ import annotations
 

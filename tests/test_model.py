@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glom_mnist import Glom, GlomConfig
-import glom_mnist.model as model_module
+from glom_mnist import Glom, GlomConfig, kernels, load_checkpoint
 from glom_mnist import native
-from glom_mnist.model import _NetworkTail, conv_to_seed_linear, seed_linear_to_conv
+from glom_mnist.checkpoint import save_checkpoint
+from glom_mnist.kernels import _NetworkTail
+from glom_mnist.model import conv_to_seed_linear, seed_linear_to_conv
 from glom_mnist.seed import glom_from_seed_networks, seed_file_names
 
 from oracle import SHIFTS, OracleGlom, seed_networks
@@ -80,10 +81,8 @@ class _KeepAll(torch.nn.Module):
         return x / (1 - self.p)
 
 
-@pytest.mark.parametrize("input_dropout,path", [("shared", "torch"), ("per_network", "native"),
-                                                ("per_network", "torch")])
-def test_training_rollout_equals_the_oracle_when_dropout_keeps_everything(monkeypatch,
-                                                                          input_dropout, path):
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_training_rollout_equals_the_oracle_when_dropout_keeps_everything(monkeypatch, path):
     """Training mode with masks of ones on both sides: what is left of dropout is inverted
     dropout's 1/(1-p), which the fast model folds into its weights. Rollout and every gradient
     must equal the oracle's, with the compiled networks and with the pure-torch ones."""
@@ -93,8 +92,7 @@ def test_training_rollout_equals_the_oracle_when_dropout_keeps_everything(monkey
     oracle = OracleGlom(steps=steps, dropout=p, noise=0.0).train()
     for net in [*oracle.bottom_up, *oracle.lateral, *oracle.top_down]:
         net.drop = _KeepAll(p)
-    cfg = GlomConfig.preset("seed", height=7, width=6, steps=steps, dropout=p, noise=0.0,
-                            input_dropout=input_dropout)
+    cfg = GlomConfig.preset("seed", height=7, width=6, steps=steps, dropout=p, noise=0.0)
     model = glom_from_seed_networks(seed_networks(oracle), cfg).train()
     keep_everything(monkeypatch)
     images = torch.randn(2, 1, 7, 6)
@@ -109,12 +107,10 @@ def test_training_rollout_equals_the_oracle_when_dropout_keeps_everything(monkey
 
 
 def keep_everything(monkeypatch) -> None:
-    """Dropout that drops nothing, in all of the model's ways to draw it: masks of ones, and
-    gaps between dropped positions so long that the first one falls beyond any tensor here (the
-    gap table serves `_drop_positions` and the compiled networks alike)."""
-    monkeypatch.setattr(model_module, "_keep_mask",
-                        lambda x, p: torch.ones_like(x))
-    monkeypatch.setattr(model_module, "_gap_table", lambda p, device: torch.full(
+    """Dropout that drops nothing: gaps between dropped positions so long that the first one
+    falls beyond any tensor here (the gap table serves `_drop_positions` and the compiled
+    networks alike)."""
+    monkeypatch.setattr(kernels, "_gap_table", lambda p, device: torch.full(
         (2**16,), 2**30, dtype=torch.int64, device=device))
 
 
@@ -135,7 +131,7 @@ def use_networks(monkeypatch, path: str):
 
 @pytest.mark.parametrize("images,path", [(2, "torch"), (7, "torch"), (7, "native")])
 def test_per_network_input_dropout_is_the_seeds_column_by_column(monkeypatch, images, path):
-    """input_dropout="per_network": each network's first layer at each column is the seed's
+    """Dropout on the networks' inputs: each network's first layer at each column is the seed's
     Linear(90 -> 10) of the concatenated rolled neighbourhood (SHIFTS order) times its own mask,
     over 1-p; the values the model dropped are mapped to the seed's (shift, channel) order here,
     element by element. Pure torch with 7 images: unfolded in chunks of 3, the last one short.
@@ -143,20 +139,19 @@ def test_per_network_input_dropout_is_the_seeds_column_by_column(monkeypatch, im
     module = use_networks(monkeypatch, path)
     torch.manual_seed(0)
     p, B, H, W = 0.3, images, 5, 4
-    cfg = GlomConfig.preset("seed", height=H, width=W, steps=1, dropout=p,
-                            input_dropout="per_network")
+    cfg = GlomConfig.preset("seed", height=H, width=W, steps=1, dropout=p)
     model = Glom(cfg).train()
     levels = torch.randn(B, 4, 10, H, W)
     if path == "torch":
         drawn = []
-        drop_positions = model_module._drop_positions
+        drop_positions = kernels._drop_positions
 
         def recording(n, p, generator=None, device="cpu"):
             drawn.append((n, drop_positions(n, p, generator, device)))
             return drawn[-1][1]
 
-        monkeypatch.setattr(model_module, "_drop_positions", recording)
-        monkeypatch.setattr(model_module, "MASKED_TAPS_CHUNK_VALUES", 3 * 8 * 90 * H * W)
+        monkeypatch.setattr(kernels, "_drop_positions", recording)
+        monkeypatch.setattr(kernels, "MASKED_TAPS_CHUNK_VALUES", 3 * 8 * 90 * H * W)
         with torch.no_grad():
             Q = model.first_layer(levels)                            # (B, R, D, H, W)
         # one mask per network, column, tap and channel, drawn for each chunk of 3 images
@@ -203,7 +198,7 @@ def test_compiled_first_layer_drops_each_tile_at_rate_p_on_its_own(monkeypatch):
     seed and tile, different for another tile or seed."""
     module = use_networks(monkeypatch, "native")
     p, n, tiles = 0.1, 9 * 10 * 28 * 28, 40
-    table = model_module._gap_table(p, torch.device("cpu")).int()
+    table = kernels._gap_table(p, torch.device("cpu")).int()
     drops = [module.tile_drops(n, 7, tile, table) for tile in range(tiles)]
     for d in drops:
         assert d.dtype == torch.int64 and (torch.diff(d) > 0).all() and 0 <= d[0] and d[-1] < n
@@ -228,11 +223,11 @@ def test_compiled_network_tail_is_the_torch_one_with_the_positions_it_drew(monke
     weights = (W1, b1, W2, b2)
 
     def compiled(Q, W1, b1, W2, b2, p=0.3, seed=5):
-        return model_module._NativeNetworkTail.apply(Q, W1, b1, W2, b2, p, seed, module)
+        return kernels._NativeNetworkTail.apply(Q, W1, b1, W2, b2, p, seed, module)
 
     plain = _NetworkTail.apply(Q, *weights, None, None)
     assert torch.allclose(compiled(Q, *weights, p=0.0), plain, atol=1e-12)
-    table = model_module._gap_table(0.3, torch.device("cpu")).int()
+    table = kernels._gap_table(0.3, torch.device("cpu")).int()
     n = D * P                                                          # one tile's values
     drops = [torch.cat([module.tile_drops(n, 5, 2 * tile + k, table) + tile * n
                         for tile in range(B * R)]) for k in (0, 1)]
@@ -279,8 +274,8 @@ def test_first_layer_backward_finds_the_forwards_dropped_values_again(monkeypatc
 
     def masked(levels, A, a, seed=123):
         if path == "native":
-            return model_module._NativeMaskedTaps.apply(levels, sources, A, a, 0.3, seed, module)
-        return model_module._MaskedTaps.apply(levels, sources, A, a, 0.3, seed, chunk)
+            return kernels._NativeMaskedTaps.apply(levels, sources, A, a, 0.3, seed, module)
+        return kernels._MaskedTaps.apply(levels, sources, A, a, 0.3, seed, chunk)
 
     assert torch.autograd.gradcheck(masked, (levels, A, a))
     once = masked(levels, A, a)
@@ -294,7 +289,7 @@ def test_dropped_positions_drop_each_element_with_probability_p(p):
     (1 with probability p, 2 with p(1-p)), none longer than 16 bits of uniform allow."""
     torch.manual_seed(0)
     n = 400_000
-    dropped = model_module._drop_positions(n, p)
+    dropped = kernels._drop_positions(n, p)
     assert dropped.dtype == torch.int64 and 0 <= dropped[0] and dropped[-1] < n
     gaps = torch.diff(dropped, prepend=torch.tensor([-1]))
     assert (gaps >= 1).all()
@@ -307,7 +302,7 @@ def test_dropped_positions_drop_each_element_with_probability_p(p):
         assert abs(seen - want) < 5 * (want * (1 - want) / len(gaps)) ** 0.5, (k, seen, want)
     # drawn a few gaps at a time (the default draw falls short once in ~1e15), they cover n
     torch.manual_seed(0)
-    few = model_module._drop_positions(n, p, draw=7)
+    few = kernels._drop_positions(n, p, draw=7)
     assert few[-1] < n and abs(len(few) / n - p) < 10 * sigma
     assert (torch.bincount(few // (n // 4), minlength=4) > 0).all()
 
@@ -322,7 +317,7 @@ def test_network_tail_backward_is_the_gradient_of_its_forward(masked):
     Q = torch.randn(N, R, D, P, dtype=torch.float64, requires_grad=True)
     W1, W2 = (torch.randn(R, D, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
     b1, b2 = (torch.randn(R, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    drops = [model_module._drop_positions(Q.numel(), 0.3) if masked else None for _ in range(2)]
+    drops = [kernels._drop_positions(Q.numel(), 0.3) if masked else None for _ in range(2)]
     inputs = (Q, W1, b1, W2, b2, *drops)
     assert torch.autograd.gradcheck(_NetworkTail.apply, inputs)
     m1, m2 = (torch.ones(Q.numel(), dtype=Q.dtype).index_fill(0, d, 0.0).view_as(Q)
@@ -338,7 +333,7 @@ def test_gap_table_is_geometric_to_16_bits():
     """Each gap length's probability under the 16-bit table is within 2**-16 of geometric(p)'s,
     they sum to 1, and P(1) is the 16-bit keep mask's drop rate."""
     p = 0.1
-    table = model_module._gap_table(p, torch.device("cpu"))
+    table = kernels._gap_table(p, torch.device("cpu"))
     counts = torch.bincount(table)[1:].double() / 2**16                # P(gap = 1, 2, ...)
     g = torch.arange(1, len(counts) + 1, dtype=torch.float64)
     geometric = p * (1 - p) ** (g - 1)
@@ -348,27 +343,24 @@ def test_gap_table_is_geometric_to_16_bits():
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_masks_drop_at_rate_p_in_every_16_bit_field(p):
-    """Masks are 0s and 1s, dropping at rate round(p * 2**16) / 2**16 overall and in each of
-    the four 16-bit fields of a 64-bit draw (a field that missed its sign bit would drop at
-    rate 0 or 1 there)."""
+def test_random_fields_are_uniform_in_every_16_bit_field(p):
+    """The noise's 16-bit fields fall below round(p * 2**16) - 2**15 at rate
+    round(p * 2**16) / 2**16 in each of the four 16-bit fields of a 64-bit draw (a field that
+    missed its sign bit would do so at rate 0 or 1 there)."""
     torch.manual_seed(0)
-    x = torch.zeros(4 * 100_000, requires_grad=True)
-    mask = model_module._keep_mask(x, p)
-    assert mask.dtype == x.dtype and not mask.requires_grad
-    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    fields = kernels._random_fields(torch.zeros(4 * 100_000))
+    assert fields.dtype == torch.int16
     rate = round(p * 2**16) / 2**16
-    per_field = 1 - mask.view(-1, 4).mean(0)                      # drop rate of each field
+    per_field = (fields.view(-1, 4) < round(p * 2**16) - 2**15).double().mean(0)
     sigma = (rate * (1 - rate) / 100_000) ** 0.5
     assert ((per_field - rate).abs() < 5 * sigma).all(), per_field
-    odd = model_module._keep_mask(torch.zeros(3, 5, 7), p)         # any shape, any size
-    assert odd.shape == (3, 5, 7)
+    assert kernels._random_fields(torch.zeros(3, 5, 7)).shape == (3, 5, 7)   # any shape
 
 
 def test_training_noise_is_uniform_over_zero_to_high():
     torch.manual_seed(0)
     high = 1e-4
-    noise = model_module._uniform_like(torch.zeros(400_000), high)
+    noise = kernels.uniform_like(torch.zeros(400_000), high)
     assert noise.min() >= 0 and noise.max() < high
     assert abs(noise.mean().item() - high / 2) < 0.01 * high               # sd of mean 4.6e-4 high
     assert abs(noise.var().item() - high**2 / 12) < 0.02 * high**2 / 12
@@ -458,6 +450,45 @@ def test_return_all_and_predict_shapes_and_majority_vote():
     assert model.majority(votes).tolist() == [7, 3]
 
 
+def test_column_scores_are_the_top_levels_class_channels_and_predict_votes_on_them():
+    model = Glom(GlomConfig.preset("seed", height=6, width=7, steps=2)).eval()
+    assert model.patch == 1                                        # one column per pixel
+    images = torch.randn(3, 1, 6, 7)
+    torch.manual_seed(0)
+    scores = model.column_scores(images)
+    torch.manual_seed(0)
+    levels = model(images)
+    assert scores.shape == (3, 10, 6, 7)
+    assert torch.equal(scores, levels[:, -1, :10])
+    torch.manual_seed(0)
+    assert torch.equal(model.predict(images), model.majority(model.votes(levels)))
+
+
+def test_a_checkpoint_runs_on_a_canvas_of_any_size(tmp_path):
+    """The weights do not depend on the image size: a 28x28 model, loaded for a 28x56 canvas,
+    scores every column of it, and on a canvas holding the same image twice side by side each
+    half's columns score as the image's own (the torus wraps each half onto the other at the
+    seam, so the two agree everywhere)."""
+    torch.manual_seed(0)
+    model = Glom(GlomConfig.preset("seed", steps=3))
+    save_checkpoint(model, tmp_path / "m.pt")
+    wide = load_checkpoint(tmp_path / "m.pt", height=28, width=56, device="cpu")
+    assert (wide.cfg.height, wide.cfg.width) == (28, 56) and not wide.training
+    assert all(torch.equal(p, q) for p, q in zip(wide.parameters(), model.parameters()))
+    image = torch.randn(2, 1, 28, 28)
+    torch.manual_seed(1)
+    init = model.eval().initial_state(image)
+    scores = wide.column_scores(torch.cat([image, image], -1))
+    assert scores.shape == (2, 10, 28, 56)
+    with torch.no_grad():
+        one = model.rollout(init, 3)[:, -1, :10]
+        two = wide.rollout(torch.cat([init, init], -1), 3)[:, -1, :10]
+    assert torch.allclose(two, torch.cat([one, one], -1), atol=1e-6)
+    assert load_checkpoint(tmp_path / "m.pt", device="cpu").cfg.width == 28    # as saved
+    with pytest.raises(ValueError, match="height must be a positive integer"):
+        load_checkpoint(tmp_path / "m.pt", height=0, device="cpu")
+
+
 def test_rollout_is_deterministic_on_cpu_under_a_seed():
     """Training mode (dropout and noise drawn): the same seed gives the same rollout and the
     same gradients, bit for bit (the compiled networks, where they are built, included)."""
@@ -499,11 +530,15 @@ def test_config_presets_and_errors():
         GlomConfig(update="mean")
     with pytest.raises(ValueError, match="kernel must be odd"):
         GlomConfig(kernel=4)
-    with pytest.raises(ValueError, match="input_dropout must be one of.*per_network"):
-        GlomConfig(input_dropout="seed")
+    with pytest.raises(ValueError, match="at least one of bottom_up"):
+        GlomConfig(bottom_up=False, lateral=False, top_down=False, attention=True)
     with pytest.raises(ValueError, match="unknown field"):
         GlomConfig.from_dict({"levles": 3})
     assert GlomConfig.from_dict(seed.to_dict()) == seed
+    # a field configs once recorded: the value every model now has loads as it is
+    assert GlomConfig.from_dict({**seed.to_dict(), "input_dropout": "per_network"}) == seed
+    with pytest.warns(RuntimeWarning, match="input_dropout is no longer an option"):
+        GlomConfig.from_dict({**seed.to_dict(), "input_dropout": "shared"})
 
 
 def test_attention_equals_its_formula_written_column_by_column():
@@ -562,7 +597,7 @@ def test_compiling_on_a_torch_older_than_checked_is_refused(monkeypatch):
 
 def test_compiling_without_a_cpp_compiler_says_what_is_missing(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.14.1")            # past the version check
-    monkeypatch.setattr("glom_mnist.model.shutil.which", lambda name: None)
+    monkeypatch.setattr("glom_mnist.kernels.shutil.which", lambda name: None)
     with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
         Glom(GlomConfig.preset("seed", height=4, width=4)).compile_steps()
 
@@ -571,7 +606,7 @@ def test_compiling_without_a_cpp_compiler_says_what_is_missing(monkeypatch):
 def test_inference_in_chunks_gives_the_whole_batchs_result(preset, monkeypatch):
     """Eval mode without gradients on a CPU rolls the images out a chunk at a time; the result
     (final state and every step) is the whole batch's, rolled out at once."""
-    monkeypatch.setattr("glom_mnist.model.INFERENCE_CHUNK_VALUES", 3 * 4 * 10 * 6 * 5)  # 3 images
+    monkeypatch.setattr("glom_mnist.kernels.INFERENCE_CHUNK_VALUES", 3 * 4 * 10 * 6 * 5)  # 3 images
     torch.manual_seed(0)
     model = Glom(GlomConfig.preset(preset, height=6, width=5, steps=5)).eval()
     images = torch.randn(8, 1, 6, 5)
@@ -592,14 +627,12 @@ def test_inference_in_chunks_gives_the_whole_batchs_result(preset, monkeypatch):
     assert results[True, True].shape == (6, 8, 4, 10, 6, 5)
 
 
-@pytest.mark.parametrize("input_dropout", ["shared", "per_network"])
-def test_training_under_bfloat16_autocast_gives_float32_gradients_close_to_float32s(input_dropout):
+def test_training_under_bfloat16_autocast_gives_float32_gradients_close_to_float32s():
     """Autocast (as `train --amp` uses on a GPU; here the CPU's) runs the networks in bfloat16
     while the weights and their gradients stay float32; the gradients point where float32's do
     (the same dropout masks in both runs: the same seed)."""
     torch.manual_seed(0)
-    cfg = GlomConfig.preset("seed", height=6, width=6, steps=3, dropout=0.2, noise=0.0,
-                            input_dropout=input_dropout)
+    cfg = GlomConfig.preset("seed", height=6, width=6, steps=3, dropout=0.2, noise=0.0)
     model = Glom(cfg).train()
     images = torch.randn(2, 1, 6, 6)
     init = model.initial_state(images)

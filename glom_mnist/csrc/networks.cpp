@@ -1,5 +1,5 @@
 // Every network's layers on a CPU, one (image, network) "tile" at a time, its working set in the
-// core's cache: Python's `_MaskedTaps` and `_NetworkTail` (glom_mnist/model.py) without their
+// core's cache: Python's `_MaskedTaps` and `_NetworkTail` (glom_mnist/kernels.py) without their
 // passes over memory (glom_mnist/native.py builds this file).
 //
 // The first layer, with the seed's own input dropout: for each tile the k x k torus
@@ -9,7 +9,7 @@
 // index), as geometric gaps looked up for 16-bit uniforms (`_gap_table`), so the backward pass
 // draws them again instead of keeping them. The 10x10 layers: further down.
 //
-// Layouts as in model.py: levels (B, L, D, H, W); sources (R,); A (R, D, k*k*D), column
+// Layouts as in kernels.py: levels (B, L, D, H, W); sources (R,); A (R, D, k*k*D), column
 // (i*k + j)*D + c for tap (i, j) (offset (i - k/2, j - k/2)) and channel c; a (R, D);
 // pre-activations U and their gradient (B, R, D, H*W). Row-major matrices are handed to the
 // column-major BLAS as their transposes.
@@ -285,7 +285,7 @@ torch::Tensor tile_drops(int64_t n, int64_t seed, int64_t tile, torch::Tensor ta
 }
 
 // ---- the 10x10 layers: K = tanh(B drop(Q) + b) + Q, V = tanh(C drop(K) + c) + Q + K ----------
-// Python's `_NetworkTail` (model.py) one (image, network) tile at a time: the caller passes
+// Python's `_NetworkTail` (kernels.py) one (image, network) tile at a time: the caller passes
 // W1 = 2B, b1 = 2b, W2 = 2C, b2 = 2c (dropout's 1/(1-p) folded in), tanh(u) being
 // 2 sigmoid(2u) - 1.
 // The backward pass computes each tile's forward again (in the cache) instead of keeping its
