@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import default_device, load_checkpoint
+from .files import atomic_write_text, check_new_file
 from .model import Glom
 
 
@@ -28,6 +30,8 @@ def evaluate_model(model: Glom, images: torch.Tensor, labels: torch.Tensor, *,
     """Metrics of `model` (run in eval mode: no dropout, no noise) on normalised `images`."""
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"need as many labels as images (>0), got {len(images)} and {len(labels)}")
+    if batch_size < 1 or (steps is not None and steps < 1):
+        raise ValueError(f"batch_size and steps must be >= 1, got {batch_size} and {steps}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -39,7 +43,11 @@ def evaluate_model(model: Glom, images: torch.Tensor, labels: torch.Tensor, *,
     for i in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
         x = images[i:i + batch_size].to(device)
         y = labels[i:i + batch_size].to(device)
-        votes = model.votes(model(x, steps=steps))                      # (B, H, W)
+        levels = model(x, steps=steps)                                  # (B, L, D, H, W)
+        if not torch.isfinite(levels).all():
+            raise ValueError(f"the rollout of images {i}-{i + len(x) - 1} gave non-finite "
+                             "values (NaN or inf): no metrics for a model that diverges")
+        votes = model.votes(levels)                                     # (B, H, W)
         majority = model.majority(votes)                                # (B,)
         correct_columns += (votes == y[:, None, None]).sum().item()
         agree += (votes == votes[:, :1, :1]).flatten(1).all(1).sum().item()
@@ -85,6 +93,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "device and batch size give the same metrics")
 
 
+def is_metrics_json(path: Path) -> bool:
+    """Whether `path` is a metrics file this command wrote (which --json may replace)."""
+    try:
+        if path.stat().st_size > 1 << 20:
+            return False
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(metrics, dict) and {"majority_vote_accuracy", "confusion_matrix",
+                                          "checkpoint"} <= metrics.keys()
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every option checked before anything is loaded or computed: one line per problem."""
+    for name in ("limit", "batch_size", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.json:
+        target = Path(args.json)
+        if target.is_file() and not is_metrics_json(target):
+            raise ValueError(f"--json {target} exists and is not a metrics file written by "
+                             "evaluate, so it is not replaced; choose another path")
+        check_new_file(target, force=True, flag="--json")     # not a folder, and writable
+
+
 def run(args: argparse.Namespace) -> int:
     from .data import load_split, normalise, prepare, verify
 
@@ -92,12 +126,14 @@ def run(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: train one (`make train`) or use a "
                                 "file from best_models/")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    prepare(args.dataset, args.root)
+    check_arguments(args)
     model = load_checkpoint(path, device=args.device or default_device())
+    prepare(args.dataset, args.root)
     images, labels = load_split(args.dataset, args.root, train=False)
     if args.limit:
+        if args.limit > len(images):
+            print(f"--limit {args.limit}: the test set has {len(images)} images; evaluating "
+                  f"all {len(images)}", file=sys.stderr)
         images, labels = images[:args.limit], labels[:args.limit]
     torch.manual_seed(args.seed)        # the rollout starts from uniform noise (seed-experiment.md)
     metrics = evaluate_model(model, normalise(images, args.dataset), labels,
@@ -110,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
                        if v is not None and k not in ("command", "module")))
     print(format_table(metrics))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
         print(f"wrote {args.json}")
     return 0
