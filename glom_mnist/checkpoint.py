@@ -1,23 +1,26 @@
 """Checkpoints: one file with weights, config, metrics and provenance.
 
-Written atomically (a temporary file in the same folder, then `os.replace`), read with
-`torch.load(weights_only=True)`, so loading executes no code from the file. Training
-checkpoints add the optimiser, RNG states and iteration under the key "training".
+Written atomically (a temporary file in the same folder, then `os.replace`). Read only if the
+file is a zip archive (the format `torch.save` writes), and then with
+`torch.load(weights_only=True)`, whose unpickler builds tensors and plain values and refuses any
+other global, so loading executes no code from the file. Every tensor must be finite, and the
+config valid, both on writing and on reading. Training checkpoints add the optimiser, RNG
+states and iteration under the key "training".
 """
 from __future__ import annotations
 
 import os
+import pickle
 import platform
 import subprocess
-import tempfile
 import zipfile
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import GlomConfig, PatchGlomConfig, config_from_dict
+from .files import atomic_write
 from .model import Glom
 from .patch_glom import PatchGlom
 
@@ -59,18 +62,13 @@ def provenance(**extra: Any) -> dict[str, Any]:
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an infinity."""
+    return [k for k, v in tensors.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
 
 
 def save_checkpoint(model: Glom, path: str | Path, *, metrics: dict[str, Any] | None = None,
@@ -78,6 +76,9 @@ def save_checkpoint(model: Glom, path: str | Path, *, metrics: dict[str, Any] | 
                     training: dict[str, Any] | None = None) -> None:
     """Write `model` (weights + config) with its metrics and provenance to `path`, atomically."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if bad := non_finite(state):
+        raise ValueError(f"refusing to write {path}: the weights {', '.join(bad)} are not "
+                         "finite (NaN or inf)")
     obj = {"format": FORMAT, "version": VERSION, "config": model.cfg.to_dict(),
            "state_dict": state, "metrics": metrics or {},
            "provenance": provenance_info if provenance_info is not None else provenance()}
@@ -89,16 +90,27 @@ def save_checkpoint(model: Glom, path: str | Path, *, metrics: dict[str, Any] | 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The checkpoint's dict, checked; a one-line CheckpointError for anything else."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give a checkpoint file (.pt)")
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):               # never handed to an unpickler
+        raise CheckpointError(f"{path} is not a glom-mnist checkpoint: not a complete zip "
+                              "archive (a truncated or partly copied file, or another format); "
+                              "use a whole .pt file written by this package")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError,
-            AttributeError, ValueError, TypeError) as err:
+    except pickle.UnpicklingError as err:
+        detail = next((l.strip() for l in str(err).splitlines() if "GLOBAL" in l
+                       or "Unsupported" in l), str(err).strip().splitlines()[0])
+        raise CheckpointError(f"{path} holds objects other than tensors and plain values, so "
+                              f"it was not loaded (loading runs no code from a file): "
+                              f"{detail[:200]}") from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, AttributeError, ValueError,
+            TypeError, KeyError, IndexError) as err:
         lines = [l.strip() for l in str(err).splitlines() if l.strip()] or [type(err).__name__]
-        first = next((l for l in lines if "WeightsUnpickler error" in l), lines[0])
-        raise CheckpointError(f"{path} is not a readable glom-mnist checkpoint "
-                              f"(truncated, corrupt or not ours): {first[:200]}") from None
+        raise CheckpointError(f"{path} is a damaged checkpoint (a zip archive torch cannot "
+                              f"read: {lines[0][:200]}); use another copy") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a glom-mnist checkpoint (no '{FORMAT}' marker); "
                               "for the seed's best_models/ use `python -m glom_mnist import-seed`")
@@ -114,17 +126,31 @@ def build_model(cfg: GlomConfig | PatchGlomConfig) -> Glom | PatchGlom:
 
 
 def model_from_checkpoint(obj: dict[str, Any], path: str | Path = "checkpoint") -> Glom | PatchGlom:
-    """Rebuild the model of a checkpoint dict (config, then weights)."""
+    """Rebuild the model of a checkpoint dict (config, then weights), refusing weights that do
+    not fit the config or are not finite."""
     try:
         cfg = config_from_dict(obj["config"])
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{path} has an unknown or invalid config: {err}") from None
     model = build_model(cfg)
-    try:
-        model.load_state_dict(obj["state_dict"])
-    except (KeyError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit its config: {first[:200]}") from None
+    state = obj.get("state_dict")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{path} has no weights (no 'state_dict' of tensors)")
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    if want != have:
+        differ = [k for k in sorted(want.keys() | have.keys()) if want.get(k) != have.get(k)]
+        first = differ[0]
+        raise CheckpointError(f"{path}: the weights do not fit its config (levels "
+                              f"{cfg.levels}, dim {cfg.dim}, kernel {cfg.kernel}): {first} is "
+                              f"{have.get(first, 'missing')} where the config needs "
+                              f"{want.get(first, 'none')}"
+                              + (f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""))
+    if bad := non_finite(state):
+        raise CheckpointError(f"{path}: the weights {', '.join(bad)} are not finite (NaN or "
+                              "inf); the run diverged before this was written: use an earlier "
+                              "checkpoint")
+    model.load_state_dict(state)
     return model
 
 

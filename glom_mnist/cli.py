@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command).parse_args(argv)
     try:
         return int(importlib.import_module(args.module).run(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:                     # a file system's refusal: disk full, I/O error
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:                  # Ctrl-C: what had to be saved was saved

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,13 @@ class GlomConfig:
             if not ok:
                 raise ValueError(f"GlomConfig: {what}")
 
+        for f in dataclasses.fields(self):        # each value of its field's kind, finite
+            value, kind = getattr(self, f.name), type(f.default)
+            if kind is float:
+                need(isinstance(value, (int, float)) and not isinstance(value, bool)
+                     and math.isfinite(value), f"{f.name} must be a finite number, got {value!r}")
+            elif kind in (bool, str):
+                need(isinstance(value, kind), f"{f.name} must be a {kind.__name__}, got {value!r}")
         for name in ("levels", "dim", "height", "width", "num_classes", "steps", "kernel"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -64,7 +72,9 @@ class GlomConfig:
             need(getattr(self, name) >= 0.0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(0.0 <= self.attention_lambda <= 1.0,
              f"attention_lambda must be in [0, 1], got {self.attention_lambda}")
-        need(all(isinstance(k, int) and k >= 1 for k in self.accumulate),
+        need(isinstance(self.accumulate, tuple)
+             and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                     for k in self.accumulate),
              f"accumulate must be positive integers, got {self.accumulate!r}")
         need(bool(self.routes()), "at least one of bottom_up, lateral, top_down must be on")
 
@@ -98,7 +108,8 @@ class GlomConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"GlomConfig: unknown field(s) {unknown}; known: {sorted(known)}")
-        if "accumulate" in values:
+        values = dict(values)
+        if isinstance(values.get("accumulate"), (list, tuple)):
             values["accumulate"] = tuple(values["accumulate"])
         return cls(**values)
 

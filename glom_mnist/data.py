@@ -36,6 +36,8 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, TensorDataset
 
+from .files import check_writable_folder
+
 DATASETS = ("mnist", "fashion-mnist")
 FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}  # torchvision's class = folder name
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -90,6 +92,9 @@ def _check_name(name: str) -> str:
 
 
 def _raw_dir(name: str, root: str | Path) -> Path:
+    if Path(root).exists() and not Path(root).is_dir():
+        raise DataError(f"--root {root} is a file, not a folder; give the data folder "
+                        "(default: data)")
     return Path(root) / FOLDERS[name] / "raw"
 
 
@@ -306,7 +311,7 @@ def _prepare(name: str, root: str | Path) -> tuple[Path, str, dict[str, str]]:
     if not missing:
         return raw, "files already present and verified", found
     failures = [f"files in {raw}: missing {', '.join(missing)}"]
-    raw.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(raw, "--root")
     for source, fetch in _sources(name):
         print(f"{name}: trying {source} ...", file=sys.stderr)
         try:

@@ -120,7 +120,8 @@ class DistributedTrainer(Trainer):
             self.model,
             device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None,
             forward_sync_buffers=False,                   # the buffers are constant wiring
-            find_unused_parameters=not self.model.routes)  # attention alone: no network runs
+            # the seed family with attention alone runs no network
+            find_unused_parameters=not getattr(self.model, "routes", True))
 
     def step(self) -> tuple[float, float]:
         """One iteration on this process's shard of the global batch; returns the whole batch's

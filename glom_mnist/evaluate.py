@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import default_device, load_checkpoint
+from .files import atomic_write_text, check_new_file
 from .model import Glom
 
 
@@ -29,6 +31,8 @@ def evaluate_model(model: Glom, images: torch.Tensor, labels: torch.Tensor, *,
     `dropout`, as the seed's own test loop ran its models: dropout on (training mode), no noise."""
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"need as many labels as images (>0), got {len(images)} and {len(labels)}")
+    if batch_size < 1 or (steps is not None and steps < 1):
+        raise ValueError(f"batch_size and steps must be >= 1, got {batch_size} and {steps}")
     if dropout and not getattr(model.cfg, "dropout", 0):
         raise ValueError("this model has no dropout to switch on; evaluate it without --dropout")
     was_training, cfg = model.training, model.cfg
@@ -45,7 +49,11 @@ def evaluate_model(model: Glom, images: torch.Tensor, labels: torch.Tensor, *,
     for i in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
         x = images[i:i + batch_size].to(device)
         y = labels[i:i + batch_size].to(device)
-        votes = model.votes(model(x, steps=steps))                      # (B, H, W)
+        levels = model(x, steps=steps)                                  # (B, L, D, H, W)
+        if not torch.isfinite(levels).all():
+            raise ValueError(f"the rollout of images {i}-{i + len(x) - 1} gave non-finite "
+                             "values (NaN or inf): no metrics for a model that diverges")
+        votes = model.votes(levels)                                     # (B, H, W)
         majority = model.majority(votes)                                # (B,)
         correct_columns += (votes == y[:, None, None]).sum().item()
         columns += votes.numel()
@@ -121,6 +129,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate with seeds seed, seed+1, ...: the mean and spread")
 
 
+def is_metrics_json(path: Path) -> bool:
+    """Whether `path` is a metrics file this command wrote (which --json may replace)."""
+    try:
+        if path.stat().st_size > 1 << 20:
+            return False
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(metrics, dict) and {"majority_vote_accuracy", "confusion_matrix",
+                                          "checkpoint"} <= metrics.keys()
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every option checked before anything is loaded or computed: one line per problem."""
+    for name in ("limit", "batch_size", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.json:
+        target = Path(args.json)
+        if target.is_file() and not is_metrics_json(target):
+            raise ValueError(f"--json {target} exists and is not a metrics file written by "
+                             "evaluate, so it is not replaced; choose another path")
+        check_new_file(target, force=True, flag="--json")     # not a folder, and writable
+
+
 def run(args: argparse.Namespace) -> int:
     from .data import load_split, normalise, prepare, verify
 
@@ -128,12 +162,14 @@ def run(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: train one (`make train`) or use a "
                                 "file from best_models/")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    prepare(args.dataset, args.root)
+    check_arguments(args)
     model = load_checkpoint(path, device=args.device or default_device())
+    prepare(args.dataset, args.root)
     images, labels = load_split(args.dataset, args.root, train=False)
     if args.limit:
+        if args.limit > len(images):
+            print(f"--limit {args.limit}: the test set has {len(images)} images; evaluating "
+                  f"all {len(images)}", file=sys.stderr)
         images, labels = images[:args.limit], labels[:args.limit]
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
@@ -150,11 +186,11 @@ def run(args: argparse.Namespace) -> int:
                    device=str(next(model.parameters()).device),
                    data_md5=verify(args.dataset, args.root),
                    command="python -m glom_mnist evaluate " + " ".join(
-                       f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                       if v is not None and k not in ("command", "module")))
+                       f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                       for k, v in vars(args).items()
+                       if v is not None and v is not False and k not in ("command", "module")))
     print(format_table(metrics))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
         print(f"wrote {args.json}")
     return 0

@@ -18,12 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .files import check_new_file
     from .train import export_run
 
-    out = Path(args.out)
-    existing = [p for p in (out, out.with_suffix(".log.csv")) if p.exists()]
-    if existing and not args.force:
-        raise ValueError(f"{existing[0]} exists; pass --force to replace it")
-    history = export_run(args.checkpoint, out)
+    out, checkpoint = Path(args.out), Path(args.checkpoint)
+    if out.resolve() == checkpoint.resolve():
+        raise ValueError(f"OUT is the checkpoint being exported ({out}); choose another path")
+    check_new_file(out, force=args.force, flag="OUT", also=(out.with_suffix(".log.csv"),))
+    history = export_run(checkpoint, out)
     print(f"wrote {out} and its training history {history}")
     return 0

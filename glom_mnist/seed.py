@@ -3,23 +3,25 @@
 The seed ships 8 files (`bottom_up_model{0,1,2}`, `layer_att_model{0,1,2}`,
 `top_down_model{0,1}`), each a whole pickled `nn.Module` of a class `model` defined in its
 notebook's `__main__`, holding `Linear` layers Q1 (10x90), K1 and V1 (10x10). Unpickling such a
-file normally imports and runs whatever its globals name. Here a restricted unpickler maps
-every module class to an inert record and refuses every other global except the few torch
-functions that rebuild tensors, so only the weights come out.
+file normally imports and runs whatever its globals name. Here it is never handed to
+`torch.load` or `pickle.load`: `torchfile.read_torch_file` reads either of torch's formats with
+an unpickler that maps every module class to an inert record and refuses every other global
+except the few that rebuild tensors, so only the weights come out.
 """
 from __future__ import annotations
 
 import argparse
 import pickle
-import types
-from collections import OrderedDict
+import zipfile
 from pathlib import Path
 
 import torch
 
 from .checkpoint import provenance, save_checkpoint
 from .config import GlomConfig
+from .files import check_new_file
 from .model import Glom, seed_linear_to_conv
+from .torchfile import TensorRef, read_torch_file
 
 # our role -> the seed's file prefix; file i of a role is that role's network for level i
 SEED_FILES = {"bottom_up": "bottom_up_model", "lateral": "layer_att_model",
@@ -27,41 +29,9 @@ SEED_FILES = {"bottom_up": "bottom_up_model", "lateral": "layer_att_model",
 LAYERS = ("Q1", "K1", "V1")
 
 
-class _Record:
-    """Stands in for any pickled nn.Module: keeps its attributes, runs nothing."""
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-
-
-def _reconstructor(cls: type, base: type, state: object) -> _Record:
-    return _Record()
-
-
-_ALLOWED = {
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("collections", "OrderedDict"): OrderedDict,
-    ("copyreg", "_reconstructor"): _reconstructor,
-    ("builtins", "object"): object,
-    ("builtins", "set"): set,
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> object:
-        module = "builtins" if module == "__builtin__" else module   # protocol 2's old name
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
-        if module == "__main__" or module.startswith("torch.nn.modules."):
-            return _Record
-        raise pickle.UnpicklingError(
-            f"refusing global {module}.{name}: a seed network file holds only modules and tensors")
-
-
-# torch.load accepts a pickle module; this one only knows the restricted unpickler
-restricted_pickle = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, load=pickle.load,
-                                          __name__="glom_mnist.seed.restricted_pickle")
+def _module_class(module: str, name: str) -> bool:
+    """The classes a seed file may instantiate: its notebook's `model` and torch's layers."""
+    return module == "__main__" or module.startswith("torch.nn.modules.")
 
 
 def read_seed_network(path: str | Path) -> dict[str, torch.Tensor]:
@@ -70,16 +40,24 @@ def read_seed_network(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"seed network file missing: {path}")
     try:
-        # weights_only=False is required to pass a pickle module; ours executes nothing
-        record = torch.load(path, map_location="cpu", pickle_module=restricted_pickle,
-                            weights_only=False)
+        record = read_torch_file(path, _module_class)
         layers = record.__dict__["_modules"]
-        weights = {f"{name}.{p}": layers[name].__dict__["_parameters"][p].detach().float()
-                   for name in LAYERS for p in ("weight", "bias")}
-    except (pickle.UnpicklingError, KeyError, AttributeError, RuntimeError, EOFError,
-            TypeError, ValueError) as err:
+        weights = {}
+        for name in LAYERS:
+            for p in ("weight", "bias"):
+                ref = layers[name].__dict__["_parameters"][p]
+                if not isinstance(ref, TensorRef):
+                    raise TypeError(f"{name}.{p} is not a tensor")
+                weights[f"{name}.{p}"] = ref.tensor().float()
+    except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, AttributeError, EOFError,
+            TypeError, ValueError, IndexError, OSError) as err:
+        why = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise ValueError(f"{path} is not a seed network file (a pickled module with Linear "
-                         f"layers Q1, K1, V1): {str(err).splitlines()[0][:200]}") from None
+                         f"layers Q1, K1, V1): {why}") from None
+    bad = [k for k, w in weights.items() if not torch.isfinite(w).all()]
+    if bad:
+        raise ValueError(f"{path}: {', '.join(bad)} hold non-finite values (NaN or inf); "
+                         "not a usable network")
     return weights
 
 
@@ -136,8 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if out.exists():
-        raise ValueError(f"{out} exists; choose another path or remove it first")
+    check_new_file(out, force=None, flag="OUT")
     import_seed(args.directory, out)
     print(f"wrote {out}")
     return 0

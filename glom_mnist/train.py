@@ -15,12 +15,15 @@ docs/distributed.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
+import io
 import json
 import math
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +33,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import (build_model, default_device, git_commit, model_from_checkpoint,
-                         provenance, read_checkpoint, save_checkpoint)
+from .checkpoint import (CheckpointError, build_model, default_device, git_commit,
+                         model_from_checkpoint, non_finite, provenance, read_checkpoint,
+                         save_checkpoint)
 from .config import GlomConfig, PATCH_PRESETS, PRESETS, PatchGlomConfig, model_config
 from .evaluate import evaluate_model
+from .files import (atomic_write_text, check_new_file, check_writable_folder,
+                    remove_stale_temporaries, run_folder_lock)
 from .model import Glom
 from .patch_glom import PatchGlom
 
@@ -41,6 +47,7 @@ from .patch_glom import PatchGlom
 LOSSES = ("mse", "cross_entropy")
 OPTIMIZERS = ("adam", "adamw")
 ALL_PRESETS = sorted([*PRESETS, *PATCH_PRESETS])
+RUN_FILES = ("last.pt", "log.csv", "curve.json")   # what a run writes in its --out-dir
 
 
 @dataclass
@@ -83,6 +90,8 @@ class TrainConfig:
     device: str | None = None
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_kind(f.name, getattr(self, f.name), str(f.type))
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if self.loss not in LOSSES:
@@ -95,6 +104,12 @@ class TrainConfig:
         if not self.hard_weight >= 0:
             raise ValueError(f"hard_weight must be >= 0 (0 = every image counts once), "
                              f"got {self.hard_weight}")
+        for name in ("checkpoint_minutes", "max_minutes"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.limit_train is not None and self.limit_train < 1:
+            raise ValueError(f"limit_train must be >= 1 (or not given: all images), "
+                             f"got {self.limit_train}")
         if self.revive and not self.init:
             raise ValueError("--revive restarts units of a trained model: give --init")
         if self.preset not in ALL_PRESETS:
@@ -104,12 +119,31 @@ class TrainConfig:
         for name in ("val", "warmup", "shift"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.model_config()                                   # the model's settings, checked
 
     def model_config(self) -> GlomConfig | PatchGlomConfig:
         return model_config(self.preset, **self.model_overrides)
 
 
 EPOCH_SEED = 100_003    # epoch e of seed s is the permutation seeded s * EPOCH_SEED + e
+
+
+_KINDS: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str,
+                                              "bool": bool, "dict[str, Any]": dict}
+
+
+def _check_kind(name: str, value: Any, annotation: str) -> None:
+    """ValueError unless `value` is of the kind its annotation names (floats finite)."""
+    base = annotation.removesuffix(" | None")
+    if (value is None and base != annotation) or base not in _KINDS:
+        return
+    ok = isinstance(value, _KINDS[base]) and (base == "bool" or not isinstance(value, bool))
+    if ok and base == "float":
+        ok = math.isfinite(value)
+    if not ok:
+        kind = "a finite number" if base == "float" else {"int": "an integer", "str": "a string",
+                                                          "bool": "true or false"}.get(base, base)
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
 def batch_indices(n: int, batch_size: int, iteration: int, seed: int) -> torch.Tensor:
@@ -204,6 +238,10 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+class TrainingDiverged(ValueError):
+    """A training iteration gave a non-finite loss or non-finite weights."""
+
+
 class Trainer:
     """Holds a run's model, optimiser, data and log; `fit()` trains to cfg.iterations."""
 
@@ -257,17 +295,24 @@ class Trainer:
 
     def _resume(self, path: str | Path) -> None:
         obj = read_checkpoint(path)
-        if "training" not in obj:
-            raise ValueError(f"{path} has no training state (a shipped model?); cannot resume")
-        state = obj["training"]
+        state = training_state_of(obj, path)
         saved_loss = state.get("train_config", {}).get("loss", "mse")
         if saved_loss != self.cfg.loss:
             raise ValueError(f"{path} was trained with --loss {saved_loss}; resume it with "
                              f"--loss {saved_loss} (this run asks for {self.cfg.loss})")
         self.model = model_from_checkpoint(obj, path).to(self.device)
         self.optimizer = make_optimizer(self.cfg, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng_cpu"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: its optimiser or RNG state does not fit this model "
+                                  f"({_first_line(err)}); not resumable") from None
+        moments = {f"optimiser {k}": v for s in self.optimizer.state.values()
+                   for k, v in s.items()}
+        if bad := non_finite(moments):
+            raise CheckpointError(f"{path}: its {', '.join(sorted(set(bad)))} state is not "
+                                  "finite (NaN or inf); not resumable")
         if self.device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"])
         self.iteration, self.wall, self.log = state["iteration"], state["wall"], state["log"]
@@ -334,21 +379,66 @@ class Trainer:
         return stop
 
     def fit(self, progress: bool = True) -> dict[str, Any]:
-        """Train until cfg.iterations (or max_minutes); checkpoint to out_dir/last.pt."""
+        """Train until cfg.iterations (or max_minutes); checkpoint to out_dir/last.pt.
+
+        SIGTERM, or a first Ctrl-C (SIGINT), ends the run once the current iteration is done,
+        and saves it: model, optimiser, RNG state and iteration then agree, so a resume is
+        exact. After a Ctrl-C, fit raises KeyboardInterrupt once that is saved. A second Ctrl-C
+        stops at once, saving nothing (an iteration may be half done): last.pt keeps the last
+        checkpoint written. So does a non-finite loss or weight, which raises TrainingDiverged.
+        """
         cfg = self.cfg
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        last_save = time.monotonic()
+        last = out / "last.pt"
         session_start = time.monotonic()
-        stop = {"signal": False}
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+        stop: dict[str, int | None] = {"signal": None}
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if stop["signal"] is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt                          # a second Ctrl-C: at once
+            if stop["signal"] is None:
+                stop["signal"] = signum
+                tqdm.write(f"{signal.Signals(signum).name}: stopping once iteration "
+                           f"{self.iteration + 1} is done, to save it (Ctrl-C again: stop at "
+                           "once, saving nothing)", file=sys.stderr)
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not progress,
                    desc="train", dynamic_ncols=True)
+        try:
+            self._loop(cfg, out, last, stop, bar, session_start)
+            self.save(last)
+            self.write_log(out)
+        finally:
+            bar.close()
+            # only now: a SIGTERM during that save (torchrun's, stopping the other processes
+            # when one failed) must not kill it half-written
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if stop["signal"] == signal.SIGINT:
+            print(f"saved iteration {self.iteration} to {last}; go on with --resume {last}",
+                  file=sys.stderr)
+            raise KeyboardInterrupt
+        done = self.iteration >= cfg.iterations
+        return {"iterations": self.iteration, "finished": done, "wall_seconds": self.wall,
+                **{k: v for k, v in (self.log[-1] if self.log else {}).items()
+                   if k not in ("iteration", "wall")}}
+
+    def _loop(self, cfg: TrainConfig, out: Path, last: Path, stop: dict[str, int | None],
+              bar: Any, session_start: float) -> None:
+        """fit's iterations, until the last one, a stop asked for (a signal, --max-minutes: in
+        every process under torchrun) or a non-finite loss or weight (TrainingDiverged)."""
         running_loss = running_acc = None
+        last_save = time.monotonic()
         try:
             while self.iteration < cfg.iterations:
                 t0 = time.perf_counter()
                 loss, acc = self.step()
+                if not math.isfinite(loss) or non_finite(dict(self.model.named_parameters())):
+                    raise TrainingDiverged(self._diverged(loss, last))
                 dt = time.perf_counter() - t0
                 self.wall += dt
                 self.iteration += 1
@@ -364,36 +454,73 @@ class Trainer:
                     if self.on_eval:
                         self.on_eval(row)
                 self.log.append(row)
-                stopping = self.all_stop(stop["signal"] or (
+                stopping = self.all_stop(stop["signal"] is not None or (
                     cfg.max_minutes is not None
                     and time.monotonic() - session_start > 60 * cfg.max_minutes))
                 if (self.iteration % cfg.checkpoint_every == 0
                         or time.monotonic() - last_save > 60 * cfg.checkpoint_minutes):
-                    self.save(out / "last.pt")
+                    self.save(last)
                     self.write_log(out)
                     last_save = time.monotonic()
                 if stopping:
                     break
         except KeyboardInterrupt:
-            print(f"\ninterrupted at iteration {self.iteration}; saving {out / 'last.pt'}")
+            kept = f"{last} keeps the last checkpoint written" if last.exists() else \
+                "no checkpoint was written"
+            tqdm.write(f"stopped at once, saving nothing: {kept}", file=sys.stderr)
             raise
-        finally:
-            bar.close()
-            self.save(out / "last.pt")
-            self.write_log(out)
-            # only now: a SIGTERM during that save (torchrun's, stopping the other processes
-            # when one failed) must not kill it half-written
-            signal.signal(signal.SIGTERM, previous)
-        done = self.iteration >= cfg.iterations
-        return {"iterations": self.iteration, "finished": done, "wall_seconds": self.wall,
-                **{k: v for k, v in (self.log[-1] if self.log else {}).items()
-                   if k not in ("iteration", "wall")}}
+
+    def _diverged(self, loss: float, last: Path) -> str:
+        """The one line saying where the run diverged and what was kept."""
+        try:
+            kept = (f"{last} keeps iteration {read_checkpoint(last)['training']['iteration']}, "
+                    "the last good checkpoint")
+        except (OSError, ValueError, KeyError, TypeError):
+            kept = "no checkpoint of this run was written"
+        why = f"the loss is {loss}" if not math.isfinite(loss) else "the weights became non-finite"
+        return (f"training diverged at iteration {self.iteration + 1} ({why}); nothing of that "
+                f"iteration was saved and {kept}; train again with a smaller --lr")
 
     def write_log(self, out: Path) -> None:
-        """The learning curve as CSV (every iteration) and JSON (the evaluated rows)."""
+        """The learning curve as CSV (every iteration) and JSON (the evaluated rows), atomically."""
         write_log_csv(self.log, out / "log.csv")
         evaluated = [r for r in self.log if "majority_vote_accuracy" in r]
-        (out / "curve.json").write_text(json.dumps(evaluated, indent=1) + "\n")
+        atomic_write_text(out / "curve.json",
+                          json.dumps(evaluated, indent=1, allow_nan=False) + "\n")
+
+
+def _first_line(err: BaseException) -> str:
+    return next((l.strip() for l in str(err).splitlines() if l.strip()), type(err).__name__)[:200]
+
+
+# what a training checkpoint's "training" entry holds, and of which kind
+TRAINING_STATE = {"optimizer": dict, "rng_cpu": torch.Tensor, "iteration": int,
+                  "wall": (int, float), "log": list}
+
+
+def training_state_of(obj: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The "training" entry of checkpoint `obj`, checked; a one-line error if there is none or
+    it lacks something `train` writes."""
+    state = obj.get("training")
+    if state is None:
+        raise ValueError(f"{path} has no training state (a shipped model?): not a run's "
+                         f"checkpoint (runs/NAME/last.pt is); to train on from its weights, "
+                         f"start a new run with --init {path}")
+    problem = None if isinstance(state, dict) else "is not a dict"
+    for key, kind in TRAINING_STATE.items():
+        if problem is None and key not in state:
+            problem = f"has no '{key}'"
+        elif problem is None and (not isinstance(state[key], kind) or isinstance(state[key], bool)):
+            problem = f"has a {type(state[key]).__name__} for '{key}'"
+    if problem is None and not isinstance(state.get("train_config", {}), dict):
+        problem = "has a train_config that is not a dict"
+    if problem is None and not (state["iteration"] >= 0 and math.isfinite(state["wall"])
+                                and all(isinstance(r, dict) for r in state["log"])):
+        problem = "has a negative iteration, a non-finite wall time or log rows that are not dicts"
+    if problem:
+        raise CheckpointError(f"{path}: its training state {problem}; it was not written by "
+                              "`train`, or is damaged: use another copy")
+    return state
 
 
 LOG_KEYS = ["iteration", "wall", "loss", "train_accuracy", "majority_vote_accuracy",
@@ -402,14 +529,12 @@ LOG_KEYS = ["iteration", "wall", "loss", "train_accuracy", "majority_vote_accura
 
 def write_log_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
     """Log rows as CSV, atomically; `stage` and `loss_kind` columns when the rows have them."""
-    path = Path(path)
     keys = LOG_KEYS + [k for k in ("stage", "loss_kind") if rows and k in rows[0]]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def read_log_csv(path: str | Path) -> list[dict[str, Any]]:
@@ -432,16 +557,15 @@ def lineage_log(checkpoint: str | Path) -> list[dict[str, Any]]:
     shipped model, the `.log.csv` beside it), then its own, with iterations and wall time
     continuing across runs. Each row gets `stage` (1 for the
     first run) and `loss_kind` (that run's loss)."""
-    training = read_checkpoint(checkpoint).get("training")
-    if not training:
-        raise ValueError(f"{checkpoint} has no training state: pass a run's last.pt")
+    training = training_state_of(read_checkpoint(checkpoint), checkpoint)
     chain, shipped = [training], []
     while (parent := training.get("train_config", {}).get("init")) and Path(parent).is_file():
-        training = read_checkpoint(parent).get("training")  # each checkpoint is read once
-        if not training:                                     # a shipped model: its history is
+        obj = read_checkpoint(parent)                        # each checkpoint is read once
+        if "training" not in obj:                            # a shipped model: its history is
             history = Path(parent).with_suffix(".log.csv")   # the .log.csv written beside it
             shipped = read_log_csv(history) if history.is_file() else []
             break
+        training = training_state_of(obj, parent)
         chain.append(training)
     rows = [{"stage": 1, **row} for row in shipped]
     iteration = max((r["iteration"] for r in rows), default=0.0)
@@ -476,6 +600,10 @@ def load_training_data(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
         images, labels = images[:-cfg.val], labels[:-cfg.val]
     else:
         held_images, held_labels = load_split(cfg.dataset, cfg.root, train=False)
+    for flag, asked, have in (("--limit-train", cfg.limit_train, len(images)),
+                              ("--eval-images", cfg.eval_images, len(held_images))):
+        if asked is not None and asked > have:
+            print(f"{flag} {asked}: the split has {have} images; using all {have}", file=sys.stderr)
     held_images, held_labels = held_images[:cfg.eval_images], held_labels[:cfg.eval_images]
     if cfg.limit_train:
         images, labels = images[:cfg.limit_train], labels[:cfg.limit_train]
@@ -517,21 +645,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="under torchrun: how long a process waits for the others in one "
                              "exchange before it stops with an error (default 10; more than "
                              "rank 0's longest evaluation)")
+    parser.add_argument("--force", action="store_true",
+                        help="start over in an --out-dir that holds a run, replacing it, and "
+                             "replace an existing --save file")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's TrainConfig: the options given on the command line; the others from the run
-    being resumed (`--resume`: its recipe goes on unchanged) or else TrainConfig's defaults."""
+    being resumed (`--resume`: its recipe goes on unchanged) or else TrainConfig's defaults.
+    A resumed run keeps its model: a --set that would change it is refused."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given: dict[str, Any] = {n: getattr(args, n) for n in fields - {"model_overrides"}
                              if getattr(args, n) is not None}
     saved: dict[str, Any] = {}
     if args.resume:
-        state = read_checkpoint(args.resume).get("training") or {}
-        saved = {k: v for k, v in (state.get("train_config") or {}).items() if k in fields}
+        obj = read_checkpoint(args.resume)
+        state = training_state_of(obj, args.resume)
+        saved = {k: v for k, v in state.get("train_config", {}).items() if k in fields}
+        try:
+            TrainConfig(**saved)
+        except ValueError as err:
+            raise CheckpointError(f"{args.resume}: its saved training settings are invalid "
+                                  f"({err}); not resumable") from None
     if args.set:
         preset = given.get("preset", saved.get("preset", TrainConfig.preset))
         given["model_overrides"] = parse_overrides(args.set, preset)
+        if args.resume:
+            model = model_from_checkpoint(obj, args.resume).cfg.to_dict()
+            differ = [f"{k}={v!r} (the run has {model[k]!r})"
+                      for k, v in given["model_overrides"].items() if model[k] != v]
+            if differ:
+                raise ValueError(f"--set {', '.join(differ)}: a resumed run keeps its model; "
+                                 f"drop --set, or start a new run from these weights with "
+                                 f"--init {args.resume}")
+            given["model_overrides"] = {**saved.get("model_overrides", {}),
+                                        **given["model_overrides"]}
     return TrainConfig(**{**saved, **given})
 
 
@@ -550,34 +698,71 @@ def parse_overrides(pairs: list[str], preset: str = "seed") -> dict[str, Any]:
             if text.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(f"--set {name} wants true or false, got {text!r}")
             out[name] = text.lower() in ("true", "1")
-        elif isinstance(default, tuple):
-            out[name] = tuple(int(v) for v in text.split(",") if v)
-        else:
-            out[name] = type(default)(text)
+            continue
+        kind = ("integers separated by commas" if isinstance(default, tuple) else
+                {int: "an integer", float: "a number"}.get(type(default), "a word"))
+        try:
+            out[name] = (tuple(int(v) for v in text.split(",") if v)
+                         if isinstance(default, tuple) else type(default)(text))
+        except ValueError:
+            raise ValueError(f"--set {name} wants {kind} (default {default!r}), "
+                             f"got {text!r}") from None
     return out
+
+
+def _check_run_folder(out: Path, resume: str | None, force: bool) -> None:
+    """Refuse to start a run in a folder that holds another, unless resuming that very run
+    or --force."""
+    last = out / "last.pt"
+    if not any((out / name).exists() for name in RUN_FILES):
+        return
+    if resume and Path(resume).resolve() == last.resolve():
+        return
+    if force:
+        print(f"--force: starting over in {out}; the run there is replaced as this one saves",
+              file=sys.stderr)
+        return
+    try:
+        state = read_checkpoint(last)["training"]
+        where = f" (iteration {state['iteration']} of {state['train_config']['iterations']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        where = ""
+    raise ValueError(f"{out} holds a run{where}: continue it with --resume {last}, train into "
+                     f"another --out-dir, or pass --force to start over and replace it")
 
 
 def run(args: argparse.Namespace) -> int:
     from .distributed import DistributedTrainer, processes
 
     cfg = config_from_args(args)
-    data = load_training_data(cfg)
+    out, save = Path(cfg.out_dir), Path(args.save) if args.save else None
     with processes(cfg, args.dist_timeout) as rank:     # None: a single process, not torchrun's
-        trainer = (Trainer if rank is None else DistributedTrainer)(
-            cfg, *data, resume=args.resume,
-            on_eval=lambda row: tqdm.write(
-                f"iter {row['iteration']}: held-out majority-vote accuracy "
-                f"{row['majority_vote_accuracy']:.4f}, loss {row['loss']:.4f}"))
-        summary = trainer.fit()
-    if rank:                                           # rank 0 (or a single process) reports
+        writer = not rank                              # rank 0 (or a single process) writes
+        if writer:
+            if save:
+                check_new_file(save, force=args.force, flag="--save",
+                               also=(save.with_suffix(".log.csv"),))
+            check_writable_folder(out, "--out-dir")
+        with run_folder_lock(out) if writer else contextlib.nullcontext():
+            if writer:                                 # one training per folder
+                _check_run_folder(out, args.resume, args.force)
+                remove_stale_temporaries(out, RUN_FILES)
+            data = load_training_data(cfg)
+            trainer = (Trainer if rank is None else DistributedTrainer)(
+                cfg, *data, resume=args.resume,
+                on_eval=lambda row: tqdm.write(
+                    f"iter {row['iteration']}: held-out majority-vote accuracy "
+                    f"{row['majority_vote_accuracy']:.4f}, loss {row['loss']:.4f}"))
+            summary = trainer.fit()
+    if not writer:
         return 0
-    print(json.dumps(summary, indent=1))
-    if summary["finished"] and args.save:
-        history = export_run(Path(cfg.out_dir) / "last.pt", args.save, metrics=summary)
-        print(f"wrote {args.save} and its training history {history}")
-    elif args.save:
-        print(f"stopped before the last iteration: {args.save} not written (resume with "
-              f"--resume {Path(cfg.out_dir) / 'last.pt'}, or ship it as it is with "
+    print(json.dumps(summary, indent=1, allow_nan=False))
+    if summary["finished"] and save:
+        history = export_run(out / "last.pt", save, metrics=summary)
+        print(f"wrote {save} and its training history {history}")
+    elif save:
+        print(f"stopped before the last iteration: {save} not written (resume with "
+              f"--resume {out / 'last.pt'}, or ship it as it is with "
               f"`python -m glom_mnist export`)")
     return 0
 
@@ -589,10 +774,7 @@ def export_run(checkpoint: str | Path, out: str | Path,
     `figures` reads. Metrics default to how far the run got and its last held-out evaluation.
     Returns the history's path."""
     obj = read_checkpoint(checkpoint)
-    if "training" not in obj:
-        raise ValueError(f"{checkpoint} has no training state: not a run's checkpoint "
-                         "(runs/NAME/last.pt is)")
-    state = obj["training"]
+    state = training_state_of(obj, checkpoint)
     if metrics is None:
         scheduled = state.get("train_config", {}).get("iterations")
         evaluated = [r for r in state["log"] if "majority_vote_accuracy" in r]

@@ -30,7 +30,7 @@ def test_truncated_foreign_and_unknown_config_files_give_one_line_errors(tmp_pat
     save_checkpoint(tiny(), tmp_path / "m.pt")
     data = (tmp_path / "m.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated, corrupt or not ours") as err:
+    with pytest.raises(CheckpointError, match="not a complete zip archive") as err:
         load_checkpoint(tmp_path / "truncated.pt")
     assert "\n" not in str(err.value)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
