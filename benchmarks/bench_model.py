@@ -25,12 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from glom_mnist.config import INPUT_DROPOUTS  # noqa: E402
 from results_io import write_json  # noqa: E402  (benchmarks/, the script's own folder)
 
 
 def child(impl: str, mode: str, batch: int, steps: int, iterations: int, warmup: int,
-          dropout: float, input_dropout: str, device: str) -> dict:
+          dropout: float, device: str) -> dict:
     """One measurement: the median of `iterations` timed runs after `warmup` untimed ones, in
     this process."""
     import os
@@ -60,8 +59,7 @@ def child(impl: str, mode: str, batch: int, steps: int, iterations: int, warmup:
     else:  # "fast"; "fast-torch": its pure-torch networks; "fast-bf16": under bfloat16
         # autocast (CUDA only); "fast-compiled": its steps through torch.compile (the warm-up
         # run compiles)
-        model = Glom(GlomConfig.preset("seed", steps=steps, dropout=dropout,
-                                       input_dropout=input_dropout)).to(dev)
+        model = Glom(GlomConfig.preset("seed", steps=steps, dropout=dropout)).to(dev)
         if impl == "fast-compiled":
             model.compile_steps()
         if impl == "fast-bf16" and dev.type != "cuda":
@@ -121,8 +119,7 @@ def child(impl: str, mode: str, batch: int, steps: int, iterations: int, warmup:
 def measure(args: argparse.Namespace, impl: str, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--child", impl, mode, "--batch", str(args.batch),
            "--steps", str(args.steps), "--iterations", str(args.iterations),
-           "--warmup", str(args.warmup), "--dropout", str(args.dropout),
-           "--input-dropout", args.input_dropout, "--device", args.device]
+           "--warmup", str(args.warmup), "--dropout", str(args.dropout), "--device", args.device]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -142,17 +139,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating rounds")
     parser.add_argument("--iterations", type=int, default=3, help="timed runs per child (median)")
     parser.add_argument("--warmup", type=int, default=2,
-                        help="untimed runs per child first: on the 2-core CPU the second training "
-                             "iteration was still several times the steady state in scratch "
-                             "runs (the C library growing its heap, page faults), the third no "
-                             "longer")
+                        help="untimed runs per child first: on the 2-core CPU measured, a "
+                             "process's second training iteration was still several times the "
+                             "steady state (the C library growing its heap, page faults), the "
+                             "third no longer")
     parser.add_argument("--dropout", type=float, default=0.1,
-                        help="the seed's 0.1, or 0 to compare the same computation whatever "
-                             "--input-dropout")
-    parser.add_argument("--input-dropout", default="per_network", choices=INPUT_DROPOUTS,
-                        help="the fast model's dropout on the state it reads (GlomConfig): "
-                             "per_network (the seed preset's) is the oracle's (the seed's) own, "
-                             "shared an approximation")
+                        help="the seed's 0.1 (on both sides), or 0 to compare without dropout")
     parser.add_argument("--batch", type=int, default=60)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the oracle is CPU-only)")
@@ -169,7 +161,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, args.batch, args.steps, args.iterations, args.warmup,
-                               args.dropout, args.input_dropout, args.device)))
+                               args.dropout, args.device)))
         return
 
     impls = ((["fast"] if args.only_fast else ["oracle", "fast"])
@@ -187,7 +179,6 @@ def main() -> None:
     import torch  # for the summary only; each child measures its own time and memory
 
     summary: dict = {"batch": args.batch, "steps": args.steps, "dropout": args.dropout,
-                     "input_dropout": args.input_dropout,
                      "iterations": args.iterations, "warmup": args.warmup, "device": args.device,
                      "machine": platform.processor() or platform.machine(),
                      "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -1,13 +1,12 @@
-"""Where the fast model's CPU time goes: the measurements behind README "Speed and memory".
+"""Where the fast model's CPU time goes (docs/speed.md).
 
     python benchmarks/cpu_diagnostics.py --json benchmarks/results/cpu_diagnostics.json
-    python benchmarks/cpu_diagnostics.py --parts profile --json benchmarks/results/cpu_profile_tail.json
+    python benchmarks/cpu_diagnostics.py --parts profile --json benchmarks/results/cpu_profile_native_tail.json
 
 - eval: evaluation throughput of a checkpoint on the first N test images, fed in batches of
-  60 and 500 and rolled out whole or in chunks (`Glom.inference_chunk`), with the process's
+  60 and 500 and rolled out whole or in chunks (`kernels.inference_chunk`), with the process's
   user and system (kernel) CPU time: a fresh child process per setting, one warm-up batch first.
-- train: one seed-configuration training iteration (batch 60, dropout 0.1 as the seed has it,
-  the seed preset's own input dropout per network),
+- train: one seed-configuration training iteration (batch 60, dropout 0.1 as the seed has it),
   the rollout run whole or in chunks with the gradients accumulated (the same loss).
 - profile: `torch.profiler` over one such training iteration, whole batch: each kind of
   operation's share of the CPU time (the profiler's own overhead inflates the total).
@@ -37,11 +36,10 @@ def eval_child(checkpoint: str, batch: int, chunk: int, images: int) -> dict:
     """Images/s of `checkpoint` on the first `images` test images; chunk 0: the whole batch."""
     import torch
 
-    import glom_mnist.model as model_module
-    from glom_mnist import load_checkpoint
+    from glom_mnist import kernels, load_checkpoint
     from glom_mnist.data import load_split, normalise
 
-    model_module.INFERENCE_CHUNK_VALUES = (chunk or 10**6) * 4 * 10 * 28 * 28
+    kernels.INFERENCE_CHUNK_VALUES = (chunk or 10**6) * 4 * 10 * 28 * 28
     model = load_checkpoint(checkpoint, device="cpu")
     x = normalise(load_split("mnist", str(ROOT / "data"), train=False)[0][:images], "mnist")
     torch.manual_seed(0)
@@ -119,7 +117,7 @@ def run_child(*args: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=str(ROOT / "best_models" / "glom_seed_hard.pt"))
+    parser.add_argument("--checkpoint", default="best_models/glom_seed_hard.pt")
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--parts", default="eval,train,profile",
                         help="which measurements, comma-separated (eval, train, profile)")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of one device session, time-boxed: the CUDA tests, then the fast model's speed
-# on CUDA (float32 and bfloat16 autocast, then with its steps compiled by torch.compile).
+# The GPU checks, time-boxed: the CUDA tests, then the fast model's speed on CUDA (float32 and
+# bfloat16 autocast, then with its steps compiled by torch.compile); docs/speed.md has the results.
 #
 #   OUT=runs/gpu bash scripts/gpu_checks.sh
 #

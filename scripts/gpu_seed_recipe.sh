@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One GPU session, time-boxed: tests/test_cuda.py and the speed of the fast model on CUDA (fp32 and bf16 autocast), then
+# One GPU run, time-boxed: tests/test_cuda.py and the speed of the fast model on CUDA (fp32 and bf16 autocast), then
 # the seed-recipe run of resume/seed_recipe/ finished to its 6000 iterations, then continued
 # with the learning rate decayed on a cosine for as many iterations as the time left allows.
 # Each stage's model is evaluated on all 10,000 test images.
 #
 #   OUT=runs/gpu BUDGET_S=480 bash scripts/gpu_seed_recipe.sh
 #
-# Writes to $OUT: session.log, bench_cuda.json, seed_recipe_6000.pt (the run's resumable
+# Writes to $OUT: run.log, bench_cuda.json, seed_recipe_6000.pt (the run's resumable
 # checkpoint at 6000) + .json (10k metrics), seed_recipe_ext.pt + .json (the continuation).
 # PY picks the interpreter (default python3); the package runs from this tree (PYTHONPATH).
 # START=a run's last.pt continues that run instead (stage 2 then has nothing left to do, and its
@@ -19,7 +19,7 @@ PY=${PY:-python3}
 RESERVE_S=${RESERVE_S:-60}    # kept for the last evaluation and copies
 mkdir -p "$OUT" runs/gpu_seed_recipe runs/gpu_seed_recipe_ext
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
-exec > >(tee "$OUT/session.log") 2>&1
+exec > >(tee "$OUT/run.log") 2>&1
 start=$(date +%s)
 left() { echo $(( BUDGET_S - ($(date +%s) - start) )); }
 minutes() { awk -v s="$(( $(left) - RESERVE_S ))" 'BEGIN { printf "%.2f", (s > 6 ? s : 6) / 60 }'; }
