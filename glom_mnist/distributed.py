@@ -25,6 +25,7 @@ import datetime
 import functools
 import hashlib
 import os
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -35,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from .checkpoint import default_device
-from .train import EPOCH_SEED, TrainConfig, Trainer
+from .train import EPOCH_SEED, TrainConfig, Trainer, TrainingDiverged
 
 
 def launched() -> bool:
@@ -169,7 +170,19 @@ class DistributedTrainer(Trainer):
         """Trainer.fit on every process (a progress bar on rank 0's terminal only); the summary
         adds how far apart the processes' weights ended (0: DistributedDataParallel kept them
         equal)."""
-        summary = super().fit(progress=progress and self.rank == 0)
+        try:
+            summary = super().fit(progress=progress and self.rank == 0)
+        except TrainingDiverged:
+            raise
+        except Exception:
+            # another process failed (its collective errors here, and torchrun stops this one):
+            # keep what was finished. The model is still as it was at the failed iteration's
+            # start, and every iteration draws from (seed, rank, iteration): it resumes exactly
+            out = Path(self.cfg.out_dir)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)   # torchrun's, while this is written
+            self.save(out / "last.pt")
+            self.write_log(out)
+            raise
         return {**summary, "processes": self.world,
                 "max_weight_difference_between_processes": self.replica_difference()}
 
