@@ -1,5 +1,7 @@
 """`python -m glom_mnist figures`: the figures of a checkpoint (`make figures` redraws imgs/).
 
+For either family of model: the seed's `Glom` (a column per pixel) or `PatchGlom` (a column per
+patch; its maps are drawn over the pixels they cover). Each column votes by `model.votes`.
 From the first --images test images (statistics) and the first --digits of them (pictures):
 - islands.png: each level at the final step in PCA colours, island outlines over the digit;
 - agreement.png: neighbour cosine per level, and the top level's agreement, vs step;
@@ -7,7 +9,8 @@ From the first --images test images (statistics) and the first --digits of them 
   (the checkpoint's own, else `<checkpoint stem>.log.csv` beside it, else the run folder's
   log.csv or curve.json);
 - consensus.gif: the consensus forming over the steps for --gif-digits digits;
-- islands.json: the numbers behind these figures, and the command that wrote them.
+- islands.json: the numbers behind these figures (with the part-whole table: mean island size
+  per level, over all columns and over digit columns), and the command that wrote them.
 """
 from __future__ import annotations
 
@@ -22,11 +25,11 @@ import torch
 
 from . import plots
 from .checkpoint import default_device, load_checkpoint, read_checkpoint
-from .islands import (column_votes, digit_mask, islands, majority_vote, part_whole_table,
-                      rollout_statistics, vote_share)
+from .islands import digit_mask, islands, part_whole_table, rollout_statistics, vote_share
 from .train import read_log_csv
 
-MASK_RULE = "digit columns: pixel brighter than half way from the image's darkest to its brightest"
+MASK_RULE = ("digit columns: those with a pixel brighter than half way from the image's darkest "
+             "to its brightest")
 
 
 def read_training_log(checkpoint: str | Path,
@@ -47,6 +50,15 @@ def read_training_log(checkpoint: str | Path,
             if rows:
                 return rows, str(path)
     return None
+
+
+def held_out_label(train_config: dict[str, Any]) -> str:
+    """What `train` scored its curve on (see `train.load_training_data`): the first
+    --eval-images of the validation split when --val was given, else of the test images."""
+    n, val = train_config.get("eval_images"), train_config.get("val")
+    if not n:
+        return "held-out"
+    return f"validation (first {min(n, val)})" if val else f"test (first {n})"
 
 
 def _rounded(value: Any, digits: int = 5) -> Any:
@@ -90,10 +102,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--images, --digits and --gif-digits must be >= 1, --digits <= --images")
     prepare(args.dataset, args.root)
     model = load_checkpoint(path, device=args.device or default_device())
-    device, C = next(model.parameters()).device, model.cfg.num_classes
+    device, C, P = next(model.parameters()).device, model.cfg.num_classes, model.patch
     raw, labels = load_split(args.dataset, args.root, train=False)
     raw, labels = raw[:args.images], labels[:args.images]                # (N, H, W) uint8
-    images, masks = normalise(raw, args.dataset), digit_mask(raw)       # (N, 1, H, W), (N, H, W)
+    images = normalise(raw, args.dataset)                                # (N, 1, H, W)
+    masks = digit_mask(raw, patch=P)                                     # (N, h, w) columns
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -104,16 +117,19 @@ def run(args: argparse.Namespace) -> int:
 
     k = args.digits
     with torch.no_grad():
-        states = model(images[:k].to(device), return_all=True).cpu()    # (T+1, k, L, D, H, W)
-    found = islands(states, args.tau, masks[:k])                         # labels (T+1, k, L, H, W)
-    votes = column_votes(states[-1], C)                                  # (k, H, W)
+        states = model(images[:k].to(device), return_all=True)          # (T+1, k, L, D, h, w)
+        votes = model.votes(states).cpu()                                # (T+1, k, h, w)
+        states = states.cpu()
+    found = islands(states, args.tau, masks[:k])                         # labels (T+1, k, L, h, w)
     titles = [f"{y}: vote {p} ({s:.0%})" for y, p, s in
-              zip(labels[:k].tolist(), majority_vote(votes, C).tolist(), vote_share(votes, C).tolist())]
+              zip(labels[:k].tolist(), model.majority(votes[-1]).tolist(),
+                  vote_share(votes[-1], C).tolist())]
     T = len(states) - 1
     fig = plots.plot_level_maps(
-        states[-1], found.labels[-1], images=raw[:k], titles=titles, with_votes=True,
-        num_classes=C, suptitle=f"{path.name} after {T} steps: level vectors in PCA colours,\n"
-                                f"islands (cosine >= {args.tau}) outlined over the digit")
+        states[-1], found.labels[-1], images=raw[:k], titles=titles, votes=votes[-1],
+        num_classes=C, patch=P,
+        suptitle=f"{path.name} after {T} steps: level vectors in PCA colours,\n"
+                 f"islands (cosine >= {args.tau}) outlined over the digit")
     fig.savefig(out / "islands.png", dpi=110)
     plt.close(fig)
     written.append(out / "islands.png")
@@ -123,16 +139,16 @@ def run(args: argparse.Namespace) -> int:
     plt.close(fig)
     written.append(out / "agreement.png")
 
-    run_dir = args.run or model.checkpoint_info["provenance"].get("train_config", {}).get("out_dir")
+    train_config = model.checkpoint_info["provenance"].get("train_config", {})
+    run_dir = args.run or train_config.get("out_dir")
     log = read_training_log(path, run_dir)
     if log is None:
         print(f"no training log in {path}, beside it ({path.stem}.log.csv) or in run folder "
               f"{run_dir!r} (log.csv, curve.json): skipping training_curve.png")
         (out / "training_curve.png").unlink(missing_ok=True)             # no stale curve
     else:
-        # `train` scores its runs on the first --eval-images test images
-        n = model.checkpoint_info["provenance"].get("train_config", {}).get("eval_images")
-        fig = plots.plot_training_curve(log[0], eval_label=f"test (first {n})" if n else "held-out")
+        fig = plots.plot_training_curve(log[0], eval_label=held_out_label(train_config),
+                                        loss=train_config.get("loss", "mse"))
         fig.suptitle(f"training log: {log[1]}", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / "training_curve.png", dpi=110)
@@ -141,8 +157,9 @@ def run(args: argparse.Namespace) -> int:
 
     g = min(args.gif_digits, k)
     written.append(plots.consensus_animation(states[:, :g], out / "consensus.gif",
-                                             island_labels=found.labels[:, :g], images=raw[:g],
-                                             titles=titles[:g], num_classes=C))
+                                             island_labels=found.labels[:, :g],
+                                             votes=votes[:, :g], images=raw[:g],
+                                             titles=titles[:g], num_classes=C, patch=P))
 
     per_step = {key: value for key, value in stats.items()
                 if key not in ("votes", "majority", "vote_share")}
@@ -153,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": str(path),
         "checkpoint_metrics": model.checkpoint_info["metrics"],
         "dataset": args.dataset, "split": "test", "images": len(images), "steps": T,
+        "patch": P, "grid": list(states.shape[-2:]),
         "tau": args.tau, "digit_mask": MASK_RULE, "seed": args.seed,
         "final_step": {key: _rounded(value[-1]) for key, value in per_step.items()},
         "per_step": {key: _rounded(value) for key, value in per_step.items()},

@@ -3,9 +3,11 @@
 GLOM's claim (Hinton 2021, "islands of identical vectors"): after some steps the columns that
 belong to one part agree at that part's level, so islands of near-identical level vectors form,
 small at low levels (parts) and large at high levels (the whole digit). Everything here is
-computed from the states of a rollout, `model(images, return_all=True)`: `(T+1, B, L, D, H, W)`.
-Functions that take `states` also accept a single state `(B, L, D, H, W)` and then return their
-result without the step axis.
+computed from the states of a rollout, `model(images, return_all=True)`: `(T+1, B, L, D, h, w)`,
+on the grid of columns, h x w: the pixels for the seed's model (`Glom`, a column per pixel), the
+4 x 4 patches for `PatchGlom` (`model.patch` pixels a side). Functions that take `states` also
+accept a single state `(B, L, D, h, w)` and then return their result without the step axis.
+Each column's vote is the model's own rule, `model.votes(states)`; the functions here take votes.
 
 Two neighbourhoods, on purpose:
 - `neighbour_cosine` uses the model's own neighbourhood, the 8 neighbours on a torus, so it
@@ -15,8 +17,10 @@ Two neighbourhoods, on purpose:
   right borders would be one island, and with 8 neighbours two strokes that touch at a corner
   would merge.
 
-The digit mask (`digit_mask`): a column is on the digit when its pixel is brighter than half the
-way from the image's darkest to its brightest pixel; for raw MNIST that is intensity > 0.5 x max.
+The digit mask (`digit_mask`): a pixel is ink when it is brighter than half the way from the
+image's darkest to its brightest pixel (for raw MNIST, intensity > 0.5 x max), and a column is on
+the digit when any of its pixels is ink (`digit_columns`: "any" rather than "most", because a
+stroke 2 pixels wide covers at most half of a 4 x 4 patch).
 
 Scenes of several digits (`glom_mnist.scenes`) ask whether the islands are the objects:
 `object_accuracy` (does each object's majority vote name it?), `adjusted_rand_index` (how well a
@@ -32,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .model import Glom, column_votes, majority_vote, vote_counts  # the one voting rule
+from .model import Glom, majority_vote, vote_counts  # the majority rule of both families
+from .patch_glom import PatchGlom
 
 # half of the model's 8 torus neighbours as (dy, dx); the other half are their opposites
 HALF_NEIGHBOURS = ((0, 1), (1, -1), (1, 0), (1, 1))
@@ -83,15 +88,35 @@ def neighbour_cosine(states: torch.Tensor) -> torch.Tensor:
     return mean[0] if single else mean
 
 
-# ---- islands ------------------------------------------------------------------------------------
+# ---- the column grid ----------------------------------------------------------------------------
 
-def digit_mask(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Digit pixels: brighter than `threshold` of the way from the image's darkest pixel to its
-    brightest. Raw `(B, H, W)` or normalised `(B, 1, H, W)` images -> bool `(B, H, W)`."""
+def column_pixels(pixels: torch.Tensor, patch: int) -> torch.Tensor:
+    """`(N, H, W)` -> `(N, H // patch, W // patch, patch * patch)`: each column's pixels (rows and
+    columns of pixels left over at the bottom and right are dropped)."""
+    N, H, W = pixels.shape
+    h, w = H // patch, W // patch
+    cut = pixels[:, :h * patch, :w * patch].reshape(N, h, patch, w, patch)
+    return cut.permute(0, 1, 3, 2, 4).reshape(N, h, w, patch * patch)
+
+
+def digit_columns(background: torch.Tensor, patch: int) -> torch.Tensor:
+    """Columns on a digit: any of their pixels is ink. `(N, H, W)` bool background ->
+    `(N, H // patch, W // patch)` bool; for patch 1 the ink itself."""
+    return column_pixels(~background, patch).any(-1)
+
+
+def digit_mask(images: torch.Tensor, threshold: float = 0.5, patch: int = 1) -> torch.Tensor:
+    """The digit columns of a model with `patch` x `patch` pixels per column (`model.patch`):
+    those with a pixel brighter than `threshold` of the way from the image's darkest pixel to
+    its brightest. Raw `(B, H, W)` or normalised `(B, 1, H, W)` images -> bool
+    `(B, H // patch, W // patch)`; for patch 1 the digit pixels."""
     x = images.float().reshape(images.shape[0], images.shape[-2], images.shape[-1])  # (B, H, W)
     low = x.amin((-2, -1), keepdim=True)
     high = x.amax((-2, -1), keepdim=True)
-    return x - low > threshold * (high - low)
+    return digit_columns(x - low <= threshold * (high - low), patch)
+
+
+# ---- islands ------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -100,8 +125,9 @@ class Islands:
 
     labels: torch.Tensor     # (..., L, H, W) int64: island 0..count-1 (row-major order), -1 = none
     count: torch.Tensor      # (..., L) int64: number of islands
-    mean_size: torch.Tensor  # (..., L) float: columns in islands / count (nan if there are none)
+    mean_size: torch.Tensor  # (..., L) float: members / count (nan if there are none)
     largest: torch.Tensor    # (..., L) int64: columns in the largest island
+    members: torch.Tensor    # (..., L) int64: columns in islands (all, or those in the mask)
 
 
 def islands(levels: torch.Tensor, tau: float = 0.9, mask: torch.Tensor | None = None) -> Islands:
@@ -109,8 +135,9 @@ def islands(levels: torch.Tensor, tau: float = 0.9, mask: torch.Tensor | None = 
     wrap-around) whose level vectors have cosine similarity >= tau, per image and level.
 
     levels: `(..., L, D, H, W)`, e.g. `(B, L, D, H, W)` or every step `(T+1, B, L, D, H, W)`.
-    mask: bool `(B, H, W)` (e.g. `digit_mask`), the same for every level and step; columns
-    outside it belong to no island (label -1) and join nothing.
+    mask: bool `(B, H, W)` on the same grid (e.g. `digit_mask(raw, patch=model.patch)`), the
+    same for every level and step; columns outside it belong to no island (label -1) and join
+    nothing.
     Components by min-label propagation (vectorised over images, levels and steps): every
     column starts with its own index as label; each round it takes the smallest label across its
     edges, hands that label on to the column its label names ("hooking": a whole tree of labels
@@ -167,29 +194,32 @@ def _islands_from_cosines(right: torch.Tensor, down: torch.Tensor, tau: float,
     members = inside.flatten(-2).sum(-1)
     mean_size = torch.where(count > 0, members / count.clamp(min=1), float("nan"))
     return Islands(labels=island_id.gather(-1, labels).view(*lead, H, W), count=count,
-                   mean_size=mean_size, largest=sizes[..., :n].amax(-1))
+                   mean_size=mean_size, largest=sizes[..., :n].amax(-1), members=members)
 
 
 def _island_stats_per_image(states: torch.Tensor, tau: float,
                             mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """count, mean_size, largest per step, image and level `(T+1, B, L)`; with a mask also the
-    same over digit columns only (keys prefixed "digit_")."""
+    """count, mean_size, largest, members per step, image and level `(T+1, B, L)`; with a mask
+    also the same over digit columns only (keys prefixed "digit_")."""
     stats = {}
     cosines = _grid_cosines(states)
     for prefix, m in [("", None)] + ([("digit_", mask)] if mask is not None else []):
         found = _islands_from_cosines(*cosines, tau, m)
         stats.update({prefix + "count": found.count.float(), prefix + "mean_size": found.mean_size,
-                      prefix + "largest": found.largest.float()})
+                      prefix + "largest": found.largest.float(),
+                      prefix + "members": found.members.float()})
     return stats
 
 
 def island_stats(states: torch.Tensor, tau: float = 0.9,
                  digit_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Island count, mean island size (columns per island) and largest island (columns), each
-    averaged over images, per step and level: `(T+1, L)` (or `(L,)` for a single state).
+    """Island count, mean island size (columns per island), largest island (columns) and the
+    columns the islands cover ("members": all of them, h x w), each averaged over images, per
+    step and level: `(T+1, L)` (or `(L,)` for a single state).
 
-    Over all columns, and with `digit_mask` (`(B, H, W)`) also over digit columns only (keys
-    "digit_count", "digit_mean_size", "digit_largest"); images without an island are skipped.
+    Over all columns, and with `digit_mask` (`(B, h, w)`, on the states' grid) also over digit
+    columns only (keys "digit_count", "digit_mean_size", "digit_largest", "digit_members");
+    images without an island are skipped in the mean island size.
     """
     states, single = _steps_axis(states)
     stats = {k: v.nanmean(1) for k, v in _island_stats_per_image(states, tau, digit_mask).items()}
@@ -204,10 +234,10 @@ def vote_share(votes: torch.Tensor, num_classes: int) -> torch.Tensor:
     return counts.amax(-1) / counts.sum(-1)
 
 
-def _agreement_per_image(states: torch.Tensor, labels: torch.Tensor,
+def _agreement_per_image(votes: torch.Tensor, labels: torch.Tensor,
                          num_classes: int) -> dict[str, torch.Tensor]:
-    """The three agreement metrics of each step and image `(T+1, B)`, as floats."""
-    votes = column_votes(states, num_classes)                            # (T+1, B, H, W)
+    """The three agreement metrics of each step and image `(T+1, B)`, as floats, from the votes
+    `(T+1, B, h, w)`."""
     labels = labels.to(votes.device)
     return {
         "per_column_accuracy": (votes == labels[:, None, None]).float().mean((-2, -1)),
@@ -216,31 +246,43 @@ def _agreement_per_image(states: torch.Tensor, labels: torch.Tensor,
     }
 
 
-def agreement(states: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
-    """The top level's agreement at every step, averaged over images: `(T+1,)` each (0-dim for a
-    single state). per_column_accuracy: the share of columns whose vote is the label;
-    all_columns_agree: the share of images whose columns all vote the same;
+def agreement(votes: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """The columns' agreement at every step, averaged over images: `(T+1,)` each (0-dim for a
+    single step). votes: each column's class `(T+1, B, h, w)` or `(B, h, w)`, by the model's own
+    rule (`model.votes(states)`). per_column_accuracy: the share of columns whose vote is the
+    label; all_columns_agree: the share of images whose columns all vote the same;
     majority_vote_accuracy: the share of images whose majority vote is the label."""
-    states, single = _steps_axis(states)
-    means = {k: v.mean(1) for k, v in _agreement_per_image(states, labels, num_classes).items()}
+    if votes.dim() not in (3, 4):
+        raise ValueError(f"votes must be (T+1, B, h, w) or (B, h, w), "
+                         f"got shape {tuple(votes.shape)}")
+    single = votes.dim() == 3
+    per_image = _agreement_per_image(votes[None] if single else votes, labels, num_classes)
+    means = {k: v.mean(1) for k, v in per_image.items()}
     return {k: v[0] for k, v in means.items()} if single else means
 
 
 # ---- a whole test set ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def rollout_statistics(model: Glom, images: torch.Tensor, labels: torch.Tensor, *,
+def rollout_statistics(model: Glom | PatchGlom, images: torch.Tensor, labels: torch.Tensor, *,
                        masks: torch.Tensor | None = None, tau: float = 0.9,
                        with_islands: bool = True, batch_size: int = 32,
                        steps: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Neighbour cosine, agreement and island statistics of `model` (in eval mode) on normalised
-    `images` `(N, 1, H, W)`, rolled out in batches and averaged over all N images.
+    `images` `(N, 1, H, W)`, rolled out in batches and averaged over all N images. The model's
+    columns form an h x w grid (h = H / model.patch); each votes by `model.votes`.
 
     Returns `neighbour_cosine` `(T+1, L)`, the `agreement` metrics `(T+1,)`, with_islands the
-    `island_stats` `(T+1, L)` (digit-only ones too when `masks` `(N, H, W)` is given), and the
-    final step's `votes` `(N, H, W)`, `majority` `(N,)` and `vote_share` `(N,)` on the CPU.
-    The averages equal those of the per-batch functions applied to all images at once.
+    `island_stats` `(T+1, L)` (digit-only ones too when `masks` `(N, h, w)` is given, e.g.
+    `digit_mask(raw, patch=model.patch)`), and the final step's `votes` `(N, h, w)`, `majority`
+    `(N,)` and `vote_share` `(N,)` on the CPU. The averages equal those of the per-batch
+    functions applied to all images at once.
     """
+    grid = (images.shape[-2] // model.patch, images.shape[-1] // model.patch)
+    if masks is not None and tuple(masks.shape) != (len(images), *grid):
+        raise ValueError(f"masks must be (N, h, w) = {(len(images), *grid)}, one per column of "
+                         f"the model's grid, got {tuple(masks.shape)}: make them with "
+                         f"digit_mask(raw, patch={model.patch})")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -250,19 +292,20 @@ def rollout_statistics(model: Glom, images: torch.Tensor, labels: torch.Tensor, 
                   leave=False):
         states = model(images[i:i + batch_size].to(device), steps=steps,
                        return_all=True)                                  # (T+1, B, L, D, H, W)
+        votes = model.votes(states)                                     # (T+1, B, h, w)
         found = {"neighbour_cosine": neighbour_cosine_map(states).mean((-2, -1)),
-                 **_agreement_per_image(states, labels[i:i + batch_size], C)}
+                 **_agreement_per_image(votes, labels[i:i + batch_size], C)}
         if with_islands:
             mask = None if masks is None else masks[i:i + batch_size]
             found.update(_island_stats_per_image(states, tau, mask))
-        found["votes"] = column_votes(states[-1], C).to(torch.uint8)[None]  # (1, B, H, W)
+        found["votes"] = votes[-1].to(torch.uint8)[None]                 # (1, B, h, w)
         for k, v in found.items():
             per_image.setdefault(k, []).append(v.cpu())
     model.train(was_training)
     joined = {k: torch.cat(v, dim=1) for k, v in per_image.items()}     # image axis is 1
-    votes = joined.pop("votes")[0].long()                                # (N, H, W)
+    votes = joined.pop("votes")[0].long()                                # (N, h, w)
     stats: dict[str, Any] = {k: v.nanmean(1) for k, v in joined.items()}
-    stats.update(votes=votes, majority=majority_vote(votes, C), vote_share=vote_share(votes, C))
+    stats.update(votes=votes, majority=model.majority(votes), vote_share=vote_share(votes, C))
     return stats
 
 
@@ -271,18 +314,21 @@ def rollout_statistics(model: Glom, images: torch.Tensor, labels: torch.Tensor, 
 def part_whole_table(stats_by_model: Mapping[str, Mapping[str, torch.Tensor]],
                      step: int = -1) -> list[dict[str, Any]]:
     """Does island size grow from level 1 to the top level? One row per model and column set
-    (all columns; digit columns when measured): mean island size per level at `step`, the ratio
+    (all columns; digit columns when measured): the columns per image in the set (h x w for
+    all; the mean count of digit columns), mean island size per level at `step`, the ratio
     top / level 1, and `grows` = sizes never shrink from level 1 up.
 
     stats_by_model: name -> `island_stats` (or `rollout_statistics`) result `(T+1, L)`.
     """
     rows = []
     for name, stats in stats_by_model.items():
-        for columns, key in (("all", "mean_size"), ("digit", "digit_mean_size")):
-            if key not in stats:
+        for columns, prefix in (("all", ""), ("digit", "digit_")):
+            if prefix + "mean_size" not in stats:
                 continue
-            sizes = stats[key][step][1:].tolist()                        # levels 1 .. L-1
-            row: dict[str, Any] = {"model": name, "columns": columns}
+            sizes = stats[prefix + "mean_size"][step][1:].tolist()       # levels 1 .. L-1
+            members = stats[prefix + "members"][step][-1].item()         # the same at every level
+            row: dict[str, Any] = {"model": name, "columns": columns,
+                                   "per image": round(members, 1)}
             row.update({f"level {l}": round(s, 2) for l, s in enumerate(sizes, start=1)})
             row["top / level 1"] = round(sizes[-1] / sizes[0], 2) if sizes[0] else float("nan")
             row["grows"] = all(b >= a for a, b in zip(sizes, sizes[1:]))

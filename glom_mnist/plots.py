@@ -3,7 +3,10 @@
 Each function builds and returns a matplotlib Figure (or draws into axes it is given); none
 chooses a backend or calls `plt.show()`, so `figures` can run headless (Agg) and the notebooks
 inline. Level maps colour each column's level vector by its first three principal components
-(`PcaColours`) and outline the islands (`outline_segments`).
+(`PcaColours`) and outline the islands (`outline_segments`). Everything is drawn in pixel
+coordinates of the input image, so that a model's grid of columns (one per pixel for `Glom`, one
+per `patch` x `patch` pixels for `PatchGlom`) covers the picture it was computed from; the votes
+drawn are those the caller passes, by the model's own rule (`model.votes(levels)`).
 """
 from __future__ import annotations
 
@@ -20,8 +23,6 @@ from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-
-from .islands import column_votes
 
 AGREEMENT_NAMES = {"per_column_accuracy": "per-column accuracy",
                    "all_columns_agree": "all columns agree",
@@ -66,35 +67,45 @@ class PcaColours:
         return rgb.clamp(0, 1).numpy()
 
 
-def outline_segments(labels: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Line segments `(S, 2, 2)` (x, y in pixel coordinates) along every pixel edge between two
-    different labels `(H, W)`: the outlines of islands, and of the digit when -1 marks outside."""
+def outline_segments(labels: np.ndarray | torch.Tensor, patch: int = 1) -> np.ndarray:
+    """Line segments `(S, 2, 2)` (x, y in pixel coordinates) along every column edge between two
+    different labels `(h, w)` of columns of `patch` x `patch` pixels: the outlines of islands, and
+    of the digit when -1 marks outside. Pixel (y, x) is centred on (x, y), as `imshow` draws it."""
     labels = np.asarray(labels)
     y, x = np.nonzero(labels[:, 1:] != labels[:, :-1])       # edge between (y, x) and (y, x+1)
     vertical = np.stack([np.stack([x + 0.5, y - 0.5], -1), np.stack([x + 0.5, y + 0.5], -1)], 1)
     y, x = np.nonzero(labels[1:, :] != labels[:-1, :])       # edge between (y, x) and (y+1, x)
     horizontal = np.stack([np.stack([x - 0.5, y + 0.5], -1), np.stack([x + 0.5, y + 0.5], -1)], 1)
-    return np.concatenate([vertical, horizontal]).reshape(-1, 2, 2)
+    segments = np.concatenate([vertical, horizontal]).reshape(-1, 2, 2)  # in column units
+    return segments * patch + (patch - 1) / 2      # column c: c*patch - 0.5 to (c+1)*patch - 0.5
 
 
 def draw_outlines(ax: Axes, labels: np.ndarray | torch.Tensor | None, color: str = "white",
-                  linewidth: float = 0.7) -> LineCollection:
-    """Add the outlines of `labels` `(H, W)` (none if None) to `ax`; returns the collection, whose
-    `set_segments(outline_segments(...))` redraws them."""
-    segments = outline_segments(labels) if labels is not None else np.zeros((0, 2, 2))
+                  linewidth: float = 0.7, patch: int = 1) -> LineCollection:
+    """Add the outlines of `labels` `(h, w)` (none if None) of columns of `patch` x `patch` pixels
+    to `ax`; returns the collection, whose `set_segments(outline_segments(...))` redraws them."""
+    segments = outline_segments(labels, patch) if labels is not None else np.zeros((0, 2, 2))
     return ax.add_collection(LineCollection(segments, colors=color, linewidths=linewidth))
+
+
+def pixel_extent(grid: tuple[int, int], patch: int = 1) -> tuple[float, float, float, float]:
+    """`imshow`'s extent that lays a map of h x w columns (`grid`) over the h*patch x w*patch
+    pixels they cover: (left, right, bottom, top) with pixel (y, x) centred on (x, y)."""
+    h, w = grid
+    return (-0.5, w * patch - 0.5, h * patch - 0.5, -0.5)
 
 
 # ---- level maps -------------------------------------------------------------------------------
 
 class LevelGrid:
     """A grid of level maps, one column per item (a digit, or one digit at a step): the input
-    image, then each level as PCA colours with island outlines, then optionally the votes."""
+    image, then each level as PCA colours with island outlines, then optionally the votes. The
+    maps of `size` = (h, w) columns of `patch` x `patch` pixels cover the input's extent."""
 
     def __init__(self, colours: Sequence[PcaColours], items: int, *,
                  images: np.ndarray | torch.Tensor | None = None,
                  titles: Sequence[str] | None = None, with_votes: bool = False,
-                 num_classes: int = 10, size: tuple[int, int] = (28, 28),
+                 num_classes: int = 10, size: tuple[int, int] = (28, 28), patch: int = 1,
                  scale: float = 1.3) -> None:
         self.colours = list(colours)
         L = len(self.colours)
@@ -111,36 +122,40 @@ class LevelGrid:
             axes[row, 0].set_ylabel(name)
         for j, title in enumerate(titles or []):
             axes[0, j].set_title(title, fontsize=9)
+        extent = pixel_extent(tuple(size), patch)
         first = 0
         if images is not None:
             for j in range(items):
-                axes[0, j].imshow(np.asarray(images[j]), cmap="gray")
+                axes[0, j].imshow(np.asarray(images[j]), cmap="gray", extent=extent)
             first = 1
         blank = np.zeros((*size, 3))
-        self.maps = [[axes[first + l, j].imshow(blank) for j in range(items)] for l in range(L)]
+        self.maps = [[axes[first + l, j].imshow(blank, extent=extent) for j in range(items)]
+                     for l in range(L)]
         self.outlines = [[draw_outlines(axes[first + l, j], None) for j in range(items)]
                          for l in range(L)]
         self.votes = [axes[-1, j].imshow(np.zeros(size), cmap="tab10", vmin=-0.5,
-                                         vmax=max(num_classes, 10) - 0.5)
+                                         vmax=max(num_classes, 10) - 0.5, extent=extent)
                       for j in range(items)] if with_votes else []
         if with_votes:
             bar = self.fig.colorbar(self.votes[0], ax=list(axes[-1]), ticks=range(num_classes),
                                     fraction=0.05, pad=0.01, shrink=0.9)
             bar.ax.tick_params(labelsize=7)
-        self.num_classes = num_classes
+        self.patch = patch
 
-    def show(self, levels: torch.Tensor, island_labels: torch.Tensor | None = None) -> list[Artist]:
-        """Draw levels `(N, L, D, H, W)` with island labels `(N, L, H, W)`; returns the artists."""
+    def show(self, levels: torch.Tensor, island_labels: torch.Tensor | None = None,
+             votes: torch.Tensor | None = None) -> list[Artist]:
+        """Draw levels `(N, L, D, h, w)` with island labels `(N, L, h, w)` and, in the votes row,
+        `votes` `(N, h, w)`; returns the artists."""
         for l, colours in enumerate(self.colours):
-            rgb = colours(levels[:, l])                                       # (N, H, W, 3)
+            rgb = colours(levels[:, l])                                       # (N, h, w, 3)
             for j, image in enumerate(self.maps[l]):
                 image.set_data(rgb[j])
                 if island_labels is not None:
-                    self.outlines[l][j].set_segments(outline_segments(island_labels[j, l].cpu()))
-        if self.votes:
-            votes = column_votes(levels, self.num_classes).cpu().numpy()     # (N, H, W)
+                    self.outlines[l][j].set_segments(
+                        outline_segments(island_labels[j, l].cpu(), self.patch))
+        if self.votes and votes is not None:
             for j, image in enumerate(self.votes):
-                image.set_data(votes[j])
+                image.set_data(votes[j].cpu().numpy())
         return [a for row in self.maps + self.outlines for a in row] + self.votes
 
 
@@ -152,14 +167,17 @@ def fit_colours(levels: torch.Tensor) -> list[PcaColours]:
 def plot_level_maps(levels: torch.Tensor, island_labels: torch.Tensor | None = None, *,
                     images: np.ndarray | torch.Tensor | None = None,
                     titles: Sequence[str] | None = None,
-                    colours: Sequence[PcaColours] | None = None, with_votes: bool = False,
-                    num_classes: int = 10, suptitle: str | None = None) -> Figure:
-    """Level maps of N items `(N, L, D, H, W)` (digits, or one digit's steps) as PCA colours
-    (fit on these levels unless `colours` is given) with island outlines `(N, L, H, W)`."""
+                    colours: Sequence[PcaColours] | None = None,
+                    votes: torch.Tensor | None = None, num_classes: int = 10, patch: int = 1,
+                    suptitle: str | None = None) -> Figure:
+    """Level maps of N items `(N, L, D, h, w)` (digits, or one digit's steps) as PCA colours
+    (fit on these levels unless `colours` is given) with island outlines `(N, L, h, w)`, under
+    the input `images` `(N, h*patch, w*patch)` and over a row of `votes` `(N, h, w)` if given."""
     levels = levels.detach().cpu()
     grid = LevelGrid(colours or fit_colours(levels), len(levels), images=images, titles=titles,
-                     with_votes=with_votes, num_classes=num_classes, size=levels.shape[-2:])
-    grid.show(levels, island_labels)
+                     with_votes=votes is not None, num_classes=num_classes,
+                     size=levels.shape[-2:], patch=patch)
+    grid.show(levels, island_labels, votes)
     if suptitle:
         grid.fig.suptitle(suptitle)
     return grid.fig
@@ -167,25 +185,30 @@ def plot_level_maps(levels: torch.Tensor, island_labels: torch.Tensor | None = N
 
 def consensus_animation(states: torch.Tensor, path: str | Path, *,
                         island_labels: torch.Tensor | None = None,
+                        votes: torch.Tensor | None = None,
                         images: np.ndarray | torch.Tensor | None = None,
                         titles: Sequence[str] | None = None, num_classes: int = 10,
-                        steps: Sequence[int] | None = None, fps: int = 4, dpi: int = 60) -> Path:
-    """A GIF of the consensus forming: `LevelGrid` frames of states `(T+1, N, L, D, H, W)` (and
-    island labels `(T+1, N, L, H, W)`) at `steps` (default: all), colours fit on the final step,
-    the last frame held for a second. About a second per frame to draw on a CPU."""
+                        patch: int = 1, steps: Sequence[int] | None = None, fps: int = 4,
+                        dpi: int = 60) -> Path:
+    """A GIF of the consensus forming: `LevelGrid` frames of states `(T+1, N, L, D, h, w)` (and
+    island labels `(T+1, N, L, h, w)`, votes `(T+1, N, h, w)`) at `steps` (default: all),
+    colours fit on the final step, the last frame held for a second. About a second per frame
+    to draw on a CPU."""
     states = states.detach().cpu()
     T = len(states) - 1
     steps = list(range(T + 1)) if steps is None else list(steps)
     grid = LevelGrid(fit_colours(states[-1]), states.shape[1], images=images, titles=titles,
-                     with_votes=True, num_classes=num_classes, size=states.shape[-2:])
+                     with_votes=votes is not None, num_classes=num_classes,
+                     size=states.shape[-2:], patch=patch)
     title = grid.fig.suptitle(f"step {T} of {T}")
-    grid.show(states[-1])
+    grid.show(states[-1], None, None if votes is None else votes[-1])
     grid.fig.canvas.draw()                      # lay out once; frames only change pixels
     grid.fig.set_layout_engine("none")
 
     def frame(t: int) -> list[Artist]:
         title.set_text(f"step {t} of {T}")
-        return grid.show(states[t], None if island_labels is None else island_labels[t]) + [title]
+        return grid.show(states[t], None if island_labels is None else island_labels[t],
+                         None if votes is None else votes[t]) + [title]
 
     animation = FuncAnimation(grid.fig, frame, frames=steps + steps[-1:] * fps, blit=False)
     path = Path(path)
@@ -268,10 +291,11 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_training_curve(log: Sequence[Mapping[str, Any]], axes: Sequence[Axes] | None = None,
-                        eval_label: str = "held-out") -> Figure:
+                        eval_label: str = "held-out", loss: str = "mse") -> Figure:
     """Loss vs iteration, and accuracy vs iteration and vs wall time, from a training log (rows of
     `Trainer.log`): the batch's majority-vote accuracy (smoothed) and the metrics of the
     evaluation rows, labelled `eval_label` (say which images they are, e.g. "test (first 500)").
+    `loss` names the loss of rows that do not say theirs (`loss_kind`): the run's --loss.
     Given `axes` (3) it clears and redraws them, for live updates."""
     if axes is None:
         fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
@@ -310,7 +334,7 @@ def plot_training_curve(log: Sequence[Mapping[str, Any]], axes: Sequence[Axes] |
             iter_ax.plot([r["iteration"] for r in held_out], values, "o-", ms=3,
                          label=f"{eval_label} {name}")
             wall_ax.plot([r["wall"] / 60 for r in held_out], values, "o-", ms=3)
-    kinds = {r.get("loss_kind", "mse") for r in train} or {"mse"}
+    kinds = {r.get("loss_kind", loss) for r in train} or {loss}
     loss_ax.set(xlabel="iteration", ylabel=" / ".join(sorted(kinds)) + " loss", title="loss")
     iter_ax.set(xlabel="iteration", ylabel="accuracy", ylim=(0, 1), title="accuracy vs iterations")
     wall_ax.set(xlabel="training minutes (evaluation excluded)", ylabel="accuracy", ylim=(0, 1),

@@ -29,8 +29,8 @@ not ink.
 Columns. A model with `patch` x `patch` pixels per column sees the grid `(H // patch, W // patch)`
 (rows and columns of pixels left over at the bottom and right are dropped): a column's object is
 the most common object of its pixels (`column_objects`), a column is on a digit when any of its
-pixels is ink (`digit_columns`; "any" rather than "most", because a stroke 2 pixels wide covers
-at most half of a 4 x 4 patch), and its target class is its object's class (`column_targets`).
+pixels is ink (`islands.digit_columns`, which says why "any"), and its target class is its
+object's class (`column_targets`).
 
 Measuring a model on scenes: `evaluate_scenes`, e.g. for the seed model, which reads any canvas:
 
@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import load_split, normalise
-from .islands import adjusted_rand_index, island_containment, islands, object_accuracy
+from .islands import (adjusted_rand_index, column_pixels, digit_columns, island_containment,
+                      islands, object_accuracy)
 from .model import Glom
 
 KINDS = {"pair": (28, 56), "random": (56, 56)}   # canvas (H, W) of each layout
@@ -261,28 +262,14 @@ def nearest_object(owner: torch.Tensor, chunk_values: int = 1 << 22) -> torch.Te
 
 # ---- the column grid --------------------------------------------------------------------------
 
-def _patches(pixels: torch.Tensor, patch: int) -> torch.Tensor:
-    """`(N, H, W)` -> `(N, H // patch, W // patch, patch * patch)`: each column's pixels."""
-    N, H, W = pixels.shape
-    h, w = H // patch, W // patch
-    cut = pixels[:, :h * patch, :w * patch].reshape(N, h, patch, w, patch)
-    return cut.permute(0, 1, 3, 2, 4).reshape(N, h, w, patch * patch)
-
-
 def column_objects(objects: torch.Tensor, patch: int) -> torch.Tensor:
     """Each column's object: the most common object among its patch x patch pixels, ties to the
     lower index. `(N, H, W)` -> `(N, H // patch, W // patch)`; the identity for patch 1."""
     if patch == 1:
         return objects
-    pixels = _patches(objects, patch)                                    # (N, h, w, p*p)
+    pixels = column_pixels(objects, patch)                               # (N, h, w, p*p)
     counts = F.one_hot(pixels, int(objects.max()) + 1).sum(-2)           # (N, h, w, K)
     return counts.argmax(-1)                                             # first maximum
-
-
-def digit_columns(background: torch.Tensor, patch: int) -> torch.Tensor:
-    """Columns on a digit: any of their pixels is ink. `(N, H, W)` bool background ->
-    `(N, H // patch, W // patch)` bool; for patch 1 the ink itself."""
-    return _patches(~background, patch).any(-1)
 
 
 def column_targets(labels: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from glom_mnist import Glom, GlomConfig
-from glom_mnist.islands import (agreement, column_votes, digit_mask, format_table, island_stats,
+from glom_mnist.config import model_config
+from glom_mnist.islands import (agreement, digit_columns, digit_mask, format_table, island_stats,
                                 islands, majority_vote, neighbour_cosine, neighbour_cosine_map,
                                 part_whole_table, rollout_statistics, vote_share)
+from glom_mnist.model import column_votes
+from glom_mnist.patch_glom import PatchGlom
 
 B, L, D, H, W = 2, 3, 4, 6, 8
 
@@ -39,7 +42,7 @@ def test_one_island_when_all_columns_agree():
     assert found.labels.shape == (B, L, H, W)
     assert (found.labels == 0).all()
     assert (found.count == 1).all() and (found.mean_size == H * W).all()
-    assert (found.largest == H * W).all()
+    assert (found.largest == H * W).all() and (found.members == H * W).all()
     assert torch.allclose(neighbour_cosine(state), torch.ones(L))
     assert torch.allclose(neighbour_cosine_map(state), torch.ones(B, L, H, W))
 
@@ -133,7 +136,7 @@ def test_mask_restricts_islands_to_the_digit():
     found = islands(state, mask=mask)
     assert (found.count == 2).all()
     assert torch.allclose(found.mean_size, torch.full((B, L), 2.5))
-    assert (found.largest == 4).all()
+    assert (found.largest == 4).all() and (found.members == 5).all()
     assert (found.labels[..., ~mask[0]] == -1).all()
     assert (found.labels[..., 1:3, 1:3] == 0).all() and (found.labels[..., 4, W - 2] == 1).all()
     empty = islands(state, mask=torch.zeros(B, H, W, dtype=torch.bool))
@@ -150,8 +153,10 @@ def test_island_stats_over_steps_and_a_single_state():
     assert torch.allclose(stats["mean_size"], torch.tensor([[1.0], [H * W]]).expand(2, L))
     assert torch.allclose(stats["digit_count"], torch.tensor([[4.0], [1.0]]).expand(2, L))
     assert torch.allclose(stats["digit_mean_size"], torch.tensor([[1.0], [4.0]]).expand(2, L))
+    assert (stats["members"] == H * W).all() and (stats["digit_members"] == 4).all()
     single = island_stats(states[1])
-    assert set(single) == {"count", "mean_size", "largest"} and single["count"].shape == (L,)
+    assert set(single) == {"count", "mean_size", "largest", "members"}
+    assert single["count"].shape == (L,)
     assert torch.allclose(neighbour_cosine(states), torch.tensor([[0.5], [1.0]]).expand(2, L))
 
 
@@ -163,14 +168,19 @@ def test_digit_mask_is_half_way_between_darkest_and_brightest():
     assert torch.equal(digit_mask(normalised), expected)
 
 
-def top_level_state(votes: torch.Tensor, dim: int = 12) -> torch.Tensor:
-    """States whose top level is the one-hot of `votes` `(..., H, W)`: `(..., L, dim, H, W)`."""
-    top = torch.nn.functional.one_hot(votes, dim).movedim(-1, -3).float()  # (..., dim, H, W)
-    lower = torch.zeros(*votes.shape[:-2], L - 1, dim, *votes.shape[-2:])
-    return torch.cat([lower, top.unsqueeze(-4)], dim=-4)
+def test_digit_mask_at_a_patch_grid_marks_the_columns_with_any_ink():
+    raw = torch.zeros(2, 8, 12, dtype=torch.uint8)                   # 2 x 3 columns of 4 x 4
+    raw[:, 0, 0] = 255                                               # one bright pixel: column (0, 0)
+    raw[0, 7, 11] = 200                                              # a corner pixel of (1, 2)
+    raw[1, 5, 6] = 100                                               # too dark: not ink
+    mask = digit_mask(raw, patch=4)
+    assert mask.tolist() == [[[True, False, False], [False, False, True]],
+                             [[True, False, False], [False, False, False]]]
+    assert torch.equal(mask, digit_columns(~digit_mask(raw), 4))     # the scenes' rule
+    assert torch.equal(digit_mask(raw, patch=1), digit_mask(raw))
 
 
-def test_agreement_per_step_on_a_constructed_top_level():
+def test_agreement_per_step_on_constructed_votes():
     labels = torch.tensor([3, 7])
     votes = torch.empty(3, 2, H, W, dtype=torch.long)                   # (T+1, B, H, W)
     votes[0, 0], votes[0, 1] = 0, 7               # step 0: image 0 wrong, image 1 right
@@ -179,7 +189,7 @@ def test_agreement_per_step_on_a_constructed_top_level():
     votes[1, 1] = 1
     votes[1, 1, :, : W // 2 + 1] = 7              # just over half vote 7
     votes[2] = labels.view(2, 1, 1)               # all agree, all right
-    metrics = agreement(top_level_state(votes), labels, num_classes=10)
+    metrics = agreement(votes, labels, num_classes=10)
     n = H * W
     half = H * (W // 2 + 1)
     assert torch.allclose(metrics["per_column_accuracy"],
@@ -188,8 +198,10 @@ def test_agreement_per_step_on_a_constructed_top_level():
     assert torch.allclose(metrics["majority_vote_accuracy"], torch.tensor([0.5, 1.0, 1.0]))
     share = vote_share(votes[1], 10)
     assert torch.allclose(share, torch.tensor([(n - 3) / n, half / n]))
-    single = agreement(top_level_state(votes[2]), labels, num_classes=10)
+    single = agreement(votes[2], labels, num_classes=10)
     assert single["all_columns_agree"].item() == 1.0
+    with pytest.raises(ValueError, match="votes must be"):
+        agreement(votes[0, 0], labels, num_classes=10)
 
 
 def test_votes_read_the_top_levels_class_channels_and_ties_go_to_the_lowest_class():
@@ -218,7 +230,7 @@ def test_rollout_statistics_equal_the_batch_functions():
         model.eval()
         states = torch.cat([model(images[i:i + 2], return_all=True) for i in range(0, 5, 2)], 1)
     assert torch.allclose(stats["neighbour_cosine"], neighbour_cosine(states))
-    for k, v in agreement(states, labels, cfg.num_classes).items():
+    for k, v in agreement(model.votes(states), labels, cfg.num_classes).items():
         assert torch.allclose(stats[k], v), k
     for k, v in island_stats(states, 0.5, masks).items():
         assert torch.allclose(stats[k], v, equal_nan=True), k
@@ -227,13 +239,41 @@ def test_rollout_statistics_equal_the_batch_functions():
     assert stats["vote_share"].shape == (5,)
 
 
+def test_rollout_statistics_of_a_patch_model_are_on_its_column_grid():
+    """A column per 4 x 4 patch (a 4 x 5 grid on 16 x 20 images), voting by its readout."""
+    torch.manual_seed(0)
+    model = PatchGlom(model_config("patch_small", steps=2, loss_steps=2))
+    raw = (torch.rand(5, 16, 20) * 255).to(torch.uint8)
+    raw[:, :, :8] = 0                                                # ink on the right only
+    images, labels = (raw.float() / 255).unsqueeze(1), torch.randint(0, 10, (5,))
+    masks = digit_mask(raw, patch=model.patch)                       # (5, 4, 5)
+    stats = rollout_statistics(model, images, labels, masks=masks, batch_size=2, tau=0.5)
+    with torch.no_grad():
+        states = model.eval()(images, return_all=True)               # (T+1, 5, L, D, 4, 5)
+    votes = model.votes(states)                                      # (T+1, 5, 4, 5)
+    assert not torch.equal(votes, column_votes(states, 10))          # not the top level's channels
+    assert torch.equal(stats["votes"], votes[-1])
+    assert torch.equal(stats["majority"], model.predict(images))
+    for k, v in agreement(votes, labels, 10).items():
+        assert torch.allclose(stats[k], v), k
+    for k, v in island_stats(states, 0.5, masks).items():
+        assert torch.allclose(stats[k], v, equal_nan=True), k
+    assert (stats["members"] == 20).all()                            # 4 x 5 columns, not 320
+    assert torch.allclose(stats["digit_members"], masks.sum((1, 2)).float().mean().expand(3, 3))
+    row = part_whole_table({"patch": stats})[0]
+    assert row["columns"] == "all" and row["per image"] == 20
+    with pytest.raises(ValueError, match=r"digit_mask\(raw, patch=4\)"):
+        rollout_statistics(model, images, labels, masks=digit_mask(raw))   # pixels, not columns
+
+
 def test_part_whole_table_says_whether_islands_grow():
     sizes = torch.tensor([[9.0, 1, 2, 4]])                              # (T+1=1, L=4)
-    growing = {"mean_size": sizes, "digit_mean_size": sizes * 0.5}
-    shrinking = {"mean_size": torch.tensor([[9.0, 4, 2, 1]])}
+    growing = {"mean_size": sizes, "digit_mean_size": sizes * 0.5,
+               "members": torch.full((1, 4), 49.0), "digit_members": torch.full((1, 4), 12.34)}
+    shrinking = {"mean_size": torch.tensor([[9.0, 4, 2, 1]]), "members": torch.full((1, 4), 784.0)}
     rows = part_whole_table({"a": growing, "b": shrinking})
-    assert [(r["model"], r["columns"], r["grows"]) for r in rows] == [
-        ("a", "all", True), ("a", "digit", True), ("b", "all", False)]
+    assert [(r["model"], r["columns"], r["per image"], r["grows"]) for r in rows] == [
+        ("a", "all", 49, True), ("a", "digit", 12.3, True), ("b", "all", 784, False)]
     assert rows[0]["level 1"] == 1 and rows[0]["level 3"] == 4 and rows[0]["top / level 1"] == 4
     assert math.isclose(rows[2]["top / level 1"], 0.25)
     text = format_table(rows)
