@@ -11,16 +11,17 @@ import torch
 from .checkpoint import default_device, load_checkpoint
 from .config import GlomConfig
 from .model import Glom
+from .patch_glom import PatchGlom
 
 BEST = Path("best_models") / "glom_seed_hard.pt"
 
 
 class Setup(NamedTuple):
-    smoke: bool    # GLOM_SMOKE=1: a quick run on tiny data
-    root: Path     # the repository
-    data: Path     # root / "data"
-    model: Glom    # in eval mode
-    name: str      # the checkpoint's stem, or "untrained"
+    smoke: bool               # GLOM_SMOKE=1: a quick run on tiny data
+    root: Path                # the repository
+    data: Path                # root / "data"
+    model: Glom | PatchGlom   # in eval mode, of either family
+    name: str                 # the checkpoint's stem, or "untrained"
 
 
 def repository_root(cwd: Path | None = None) -> Path:
