@@ -118,7 +118,6 @@ def digit_mask(images: torch.Tensor, threshold: float = 0.5, patch: int = 1) -> 
 
 # ---- islands ------------------------------------------------------------------------------------
 
-
 @dataclass
 class Islands:
     """The islands of every image and level (leading axes `...` = those of the levels given)."""

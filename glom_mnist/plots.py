@@ -81,10 +81,10 @@ def outline_segments(labels: np.ndarray | torch.Tensor, patch: int = 1) -> np.nd
 
 
 def draw_outlines(ax: Axes, labels: np.ndarray | torch.Tensor | None, color: str = "white",
-                  linewidth: float = 0.7, patch: int = 1) -> LineCollection:
-    """Add the outlines of `labels` `(h, w)` (none if None) of columns of `patch` x `patch` pixels
-    to `ax`; returns the collection, whose `set_segments(outline_segments(...))` redraws them."""
-    segments = outline_segments(labels, patch) if labels is not None else np.zeros((0, 2, 2))
+                  linewidth: float = 0.7) -> LineCollection:
+    """Add the outlines of `labels` `(H, W)` (none if None) to `ax`; returns the collection, whose
+    `set_segments(outline_segments(...))` redraws them."""
+    segments = outline_segments(labels) if labels is not None else np.zeros((0, 2, 2))
     return ax.add_collection(LineCollection(segments, colors=color, linewidths=linewidth))
 
 
