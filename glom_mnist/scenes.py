@@ -36,6 +36,9 @@ Measuring a model on scenes: `evaluate_scenes`, e.g. for the seed model, which r
 
     model = on_canvas(load_checkpoint("best_models/glom_seed_hard.pt"), 28, 56)
     evaluate_scenes(model, test_scenes("pair", 500), tau=(0.9, 0.99))
+
+or from the command line, `python -m glom_mnist scenes --checkpoint X.pt --kind pair --scenes 500`
+(`run` below). `train --scenes` trains a patch model on fresh scenes (docs/patch-glom.md).
 """
 from __future__ import annotations
 
