@@ -14,8 +14,22 @@ COMMANDS = {
     "train": ("glom_mnist.train", "train a GLOM state grid (resumable)"),
     "export": ("glom_mnist.export", "ship a run's checkpoint (finished or not) as a model file"),
     "evaluate": ("glom_mnist.evaluate", "metrics of a checkpoint on the test set"),
+    "scenes": ("glom_mnist.scenes", "are a checkpoint's islands the objects? test scenes of "
+                                    "several digits"),
     "figures": ("glom_mnist.figures", "regenerate imgs/ from the shipped checkpoints"),
 }
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that parsed into `args`, written out to be run again: every option given a
+    value, flags without values as flags, lists as their values; `--force`, which is about an
+    existing output file rather than what is measured, left out."""
+    def value(v: object) -> str:
+        return "" if v is True else " " + (" ".join(map(str, v)) if isinstance(v, list) else str(v))
+
+    return f"python -m glom_mnist {args.command} " + " ".join(
+        f"--{k.replace('_', '-')}{value(v)}" for k, v in vars(args).items()
+        if v is not None and v is not False and k not in ("command", "module", "force"))
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -9,6 +9,8 @@ torchrun's environment and trains a `DistributedTrainer` in each (docs/distribut
   batch_size / N to each process. DistributedDataParallel averages the processes' gradients, so
   an iteration is the single-process iteration on the whole batch: the same --lr, schedule and
   iterations are the same recipe.
+  With --scenes every process draws the iteration's batch of scenes (seeded by the seed and the
+  iteration) and trains on every N-th of them, from position rank on.
 - The weights start identical (the same seed, then rank 0's broadcast). The noise and dropout
   that the model draws from torch's global generator differ between processes: each seeds it at
   every iteration from (seed, rank, iteration), so a resumed run draws what an uninterrupted
@@ -129,8 +131,9 @@ class DistributedTrainer(Trainer):
         loss and majority-vote accuracy (means over the processes)."""
         cfg = self.cfg
         torch.manual_seed(step_seed(cfg.seed, self.rank, self.iteration))
-        idx = shard_indices(len(self.images), cfg.batch_size, self.iteration, cfg.seed,
-                            self.rank, self.world)
+        idx = (torch.arange(self.rank, cfg.batch_size, self.world) if cfg.scenes else
+               shard_indices(len(self.images), cfg.batch_size, self.iteration, cfg.seed,
+                             self.rank, self.world))
         loss, correct, weights = self.batch_loss(self.network, idx)
         if weights is not None:
             # the whole batch's weighted mean: this shard's weighted sum over all the weights,

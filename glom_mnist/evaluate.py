@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import default_device, load_checkpoint
+from .cli import command_line
 from .files import atomic_write_text, check_new_file
 from .model import Glom
 
@@ -185,10 +186,7 @@ def run(args: argparse.Namespace) -> int:
     metrics.update(checkpoint=str(path), dataset=args.dataset, split="test", seed=args.seed,
                    device=str(next(model.parameters()).device),
                    data_md5=verify(args.dataset, args.root),
-                   command="python -m glom_mnist evaluate " + " ".join(
-                       f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-                       for k, v in vars(args).items()
-                       if v is not None and v is not False and k not in ("command", "module")))
+                   command=command_line(args))
     print(format_table(metrics))
     if args.json:
         atomic_write_text(args.json, json.dumps(metrics, indent=2, allow_nan=False) + "\n")

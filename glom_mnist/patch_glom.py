@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PatchGlomConfig
+from .islands import object_accuracy
 
 
 class LevelMLPs(nn.Module):
@@ -194,24 +195,39 @@ class PatchGlom(nn.Module):
         """Majority-vote labels `(B,)`."""
         return self.majority(self.votes(self(images, steps=steps)))
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor,
+    def loss(self, images: torch.Tensor, targets: torch.Tensor,
              label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """The training loss of `images` (see states_loss) and whether each is voted right."""
-        return self.states_loss(self(images, return_all=True), labels, label_smoothing)
+        return self.states_loss(self(images, return_all=True), targets, label_smoothing)
 
-    def states_loss(self, states: torch.Tensor, labels: torch.Tensor,
+    def states_loss(self, states: torch.Tensor, targets: torch.Tensor,
                     label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy of every column's scores against the label, averaged over the columns
+        """Cross-entropy of every column's scores against its target, averaged over the columns
         and the last `cfg.loss_steps` of the rollout's states `(T+1, B, L, D, h, w)`; and
-        whether each image's final vote is right `(B,)`."""
+        whether each image's final votes are right `(B,)`.
+
+        targets: each image's label `(B,)`, the target of all its columns; or each column's own
+        class `(B, h, w)`, e.g. the class of its object in a scene of several digits
+        (`scenes.column_targets`). An image is right when, for every class among its targets,
+        the majority vote of the columns with that target is that class: for a label, when the
+        image's majority vote is its label; for a scene of digits of different classes, when
+        every object is voted right.
+        """
         scores = self.scores(states[-self.cfg.loss_steps:])                # (S, B, C, h, w)
         S, B, C, h, w = scores.shape
-        target = labels[None, :, None, None].expand(S, B, h, w)
-        loss = F.cross_entropy(scores.movedim(2, -1).reshape(-1, C), target.reshape(-1),
+        if targets.dim() == 1:
+            targets = targets[:, None, None].expand(B, h, w)
+        if targets.shape != (B, h, w):
+            raise ValueError(f"targets must be labels ({B},) or per-column classes "
+                             f"({B}, {h}, {w}), got {tuple(targets.shape)}")
+        loss = F.cross_entropy(scores.movedim(2, -1).reshape(-1, C),
+                               targets.expand(S, B, h, w).reshape(-1),
                                label_smoothing=label_smoothing)
         with torch.no_grad():
-            right = self.majority(scores[-1].argmax(1)) == labels
-        return loss, right
+            present = F.one_hot(targets.flatten(1), C).any(1)               # (B, C) classes there
+            classes = torch.where(present, torch.arange(C, device=present.device), -1)
+            right = object_accuracy(scores[-1].argmax(1), targets, classes, C)["right"]
+        return loss, (right | ~present).all(1)
 
     def check_images(self, images: torch.Tensor) -> None:
         """Refuse input the model cannot read, saying what was expected."""

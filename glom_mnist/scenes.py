@@ -36,9 +36,16 @@ Measuring a model on scenes: `evaluate_scenes`, e.g. for the seed model, which r
 
     model = on_canvas(load_checkpoint("best_models/glom_seed_hard.pt"), 28, 56)
     evaluate_scenes(model, test_scenes("pair", 500), tau=(0.9, 0.99))
+
+or from the command line, `python -m glom_mnist scenes --checkpoint X.pt --kind pair --scenes 500`
+(`run` below). `train --scenes` trains a patch model on fresh scenes (docs/patch-glom.md).
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -343,6 +350,9 @@ def evaluate_scenes(model: torch.nn.Module, scenes: Scenes, tau: float | Sequenc
                       leave=False):
             batch = scenes[i:i + batch_size]
             levels, scores = _rollout(model, batch.images.to(device), seed + i)
+            if not (torch.isfinite(levels).all() and torch.isfinite(scores).all()):
+                raise ValueError(f"the rollout of scenes {i}-{i + len(batch) - 1} gave non-finite "
+                                 "values (NaN or inf): no metrics for a model that diverges")
             votes = scores.argmax(1).cpu()                               # (B, h, w)
             objects = column_objects(batch.objects, patch)
             digit = digit_columns(batch.background, patch)
@@ -388,3 +398,118 @@ def evaluate_scenes(model: torch.nn.Module, scenes: Scenes, tau: float | Sequenc
             "multi_containment": (total["multi_contained"] / total["multi_islands"]).tolist(),
         }
     return out
+
+
+# ---- the command: python -m glom_mnist scenes -------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a glom-mnist checkpoint (.pt)")
+    parser.add_argument("--kind", required=True, choices=sorted(KINDS),
+                        help="pair: two digits side by side on 28 x 56; random: 2 or 3 digits "
+                             "at random places on 56 x 56")
+    parser.add_argument("--scenes", type=int, required=True, metavar="N",
+                        help="how many scenes, composed from the test digits")
+    parser.add_argument("--tau", type=float, nargs="+", default=[0.9],
+                        help="cosine thresholds of the islands (default 0.9)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the scenes and of the rollout's random initial state "
+                             "(default 0): the same seed gives the same scenes and metrics")
+    parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
+    parser.add_argument("--root", default="data", help="data folder (default: data)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--json", default=None, help="write the metrics to this JSON file")
+    parser.add_argument("--force", action="store_true", help="replace an existing --json file")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every option checked before anything is loaded or computed: one line per problem."""
+    from .files import check_new_file
+
+    for name in ("scenes", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    bad = [t for t in args.tau if not (math.isfinite(t) and -1 <= t <= 1)]
+    if bad:
+        raise ValueError(f"--tau values are cosine thresholds between -1 and 1, got {bad}")
+    if args.json:
+        target = Path(args.json)
+        if target.exists() and target.resolve() == Path(args.checkpoint).resolve():
+            raise ValueError(f"--json {target} is the checkpoint being measured; choose another "
+                             "path")
+        check_new_file(target, force=args.force, flag="--json")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """The scene metrics as a plain-text table: the votes, then the islands per tau and level."""
+    def number(v: float | None) -> str:
+        return f"{'n/a':>8s}" if v is None or math.isnan(v) else f"{v:8.3f}"
+
+    everyone = "both digits" if metrics["kind"] == "pair" else "every digit"
+    lines = [f"scenes                     {metrics['scenes']} {metrics['kind']} "
+             f"({' x '.join(map(str, metrics['canvas']))}), test digits, seed {metrics['seed']}",
+             f"object accuracy            {metrics['object_accuracy']:.4f}",
+             f"all objects right          {metrics['all_objects_right']:.4f}  ({everyone} right)",
+             f"column accuracy            {metrics['column_accuracy']:.4f}  "
+             f"(digit columns {metrics['digit_column_accuracy']:.4f})",
+             f"vote ARI                   {metrics['vote_ari']:.4f}  "
+             f"(digit columns {metrics['digit_vote_ari']:.4f})"]
+    for tau, found in metrics["islands"].items():
+        levels = len(found["containment"])
+        lines += ["",
+                  f"tau {tau}: island ARI (top level) {found['island_ari']:.4f}  "
+                  f"(digit columns {found['digit_island_ari']:.4f})",
+                  "  level                      " + " ".join(f"{l:>8d}" for l in range(levels))]
+        for key, name in (("islands_per_scene", "islands per scene"),
+                          ("containment", "within one object"),
+                          ("multi_containment", "  of islands >= 2 columns")):
+            lines.append(f"  {name:<26s} " + " ".join(number(v) for v in found[key]))
+    return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (a share of no islands at all) as null; keys as strings."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from .checkpoint import default_device, load_checkpoint
+    from .cli import command_line
+    from .data import prepare, verify
+    from .files import atomic_write_text
+
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train one (`python -m glom_mnist "
+                                "train`) or use a file from best_models/")
+    check_arguments(args)
+    H, W = KINDS[args.kind]
+    model = load_checkpoint(path, device=args.device or default_device(), height=H, width=W)
+    prepare(args.dataset, args.root)
+    scenes = test_scenes(args.kind, args.scenes, args.seed, root=args.root, name=args.dataset)
+    metrics = evaluate_scenes(model, scenes, tau=args.tau, batch_size=args.batch_size,
+                              seed=args.seed, progress=True)
+    metrics = {"command": command_line(args), "checkpoint": str(path), "checkpoint_name": path.name,
+               "checkpoint_sha256": file_sha256(path), "kind": args.kind, "seed": args.seed,
+               "dataset": args.dataset, "split": "test", "data_md5": verify(args.dataset, args.root),
+               "device": str(next(model.parameters()).device), **metrics}
+    print(format_table(metrics))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(_json_safe(metrics), indent=2, allow_nan=False)
+                          + "\n")
+        print(f"wrote {args.json}")
+    return 0

@@ -42,6 +42,8 @@ from .files import (atomic_write_text, check_new_file, check_writable_folder,
                     remove_stale_temporaries, run_folder_lock)
 from .model import Glom
 from .patch_glom import PatchGlom
+from .scenes import KINDS as SCENE_KINDS
+from .scenes import Scenes, column_objects, column_targets, evaluate_scenes, scene_batch
 
 
 LOSSES = ("mse", "cross_entropy")
@@ -87,6 +89,9 @@ class TrainConfig:
     warmup: int = 0                   # iterations of linear learning-rate warm-up
     shift: int = 0                    # augmentation: shift each image by up to this many pixels
     label_smoothing: float = 0.0      # patch presets' cross-entropy
+    scenes: str | None = None         # train on fresh scenes of several digits of this kind
+                                      # (scenes.KINDS: "pair", "random"), every column against
+                                      # its object's class; None: single digits
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -119,13 +124,44 @@ class TrainConfig:
         for name in ("val", "warmup", "shift"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.scenes is not None:
+            self._check_scenes()
         self.model_config()                                   # the model's settings, checked
 
+    def _check_scenes(self) -> None:
+        """What training on scenes needs, one line for each thing it cannot do."""
+        if self.scenes not in SCENE_KINDS:
+            raise ValueError(f"scenes must be one of {sorted(SCENE_KINDS)} (or not given: single "
+                             f"digits), got {self.scenes!r}")
+        if self.preset not in PATCH_PRESETS:
+            raise ValueError(f"--scenes trains every column against its own object's class, "
+                             f"which only the patch presets can: use --preset "
+                             f"{' or '.join(sorted(PATCH_PRESETS))}, not {self.preset}")
+        if self.shift:
+            raise ValueError("--shift moves whole images and scenes place their digits "
+                             "themselves: drop --shift with --scenes")
+        if not self.val:
+            raise ValueError("--scenes measures its curve on scenes of the validation digits: "
+                             "give --val N (the last N training images, e.g. --val 5000)")
+        canvas = dict(zip(("height", "width"), SCENE_KINDS[self.scenes]))
+        if differ := {k: v for k, v in self.model_overrides.items() if canvas.get(k, v) != v}:
+            raise ValueError(f"--scenes {self.scenes} builds the model for its "
+                             f"{canvas['height']} x {canvas['width']} canvas: drop --set "
+                             + ", ".join(f"{k}={v}" for k, v in differ.items()))
+
     def model_config(self) -> GlomConfig | PatchGlomConfig:
-        return model_config(self.preset, **self.model_overrides)
+        """The model's config: the preset, the --set fields and, with scenes, their canvas."""
+        canvas = {}
+        if self.scenes is not None:
+            canvas = dict(zip(("height", "width"), SCENE_KINDS[self.scenes]))
+        return model_config(self.preset, **{**self.model_overrides, **canvas})
 
 
 EPOCH_SEED = 100_003    # epoch e of seed s is the permutation seeded s * EPOCH_SEED + e
+                        # and, with scenes, iteration t's scenes are drawn seeded s * EPOCH_SEED + t
+VALIDATION_SCENES_SEED = 0   # the validation scenes: the same for every run of a --val split
+EVAL_TAU = 0.9               # the islands' cosine threshold of the curve's island_ari
+SCENE_KEYS = ["object_accuracy", "all_objects_right", "island_ari"]   # the curve's, on scenes
 
 
 _KINDS: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str,
@@ -243,7 +279,11 @@ class TrainingDiverged(ValueError):
 
 
 class Trainer:
-    """Holds a run's model, optimiser, data and log; `fit()` trains to cfg.iterations."""
+    """Holds a run's model, optimiser, data and log; `fit()` trains to cfg.iterations.
+
+    The data are `load_training_data`'s: normalised images and their labels, to train on and
+    held out; with cfg.scenes the raw digits `(M, 28, 28)` uint8 that scenes are composed of,
+    the held-out ones making cfg.eval_images validation scenes."""
 
     def __init__(self, cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
                  eval_images: torch.Tensor, eval_labels: torch.Tensor,
@@ -253,6 +293,12 @@ class Trainer:
         self.device = torch.device(cfg.device) if cfg.device else default_device()
         self.images, self.labels = images, labels
         self.eval_images, self.eval_labels = eval_images, eval_labels
+        self.eval_scenes: Scenes | None = None
+        if cfg.scenes:
+            self.eval_scenes = scene_batch(
+                eval_images, eval_labels, cfg.eval_images,
+                torch.Generator().manual_seed(VALIDATION_SCENES_SEED), cfg.scenes,
+                name=cfg.dataset)
         self.on_eval = on_eval
         self.iteration, self.wall = 0, 0.0
         self.commit = git_commit()    # the code this process runs, not the tree at save time
@@ -300,6 +346,12 @@ class Trainer:
         if saved_loss != self.cfg.loss:
             raise ValueError(f"{path} was trained with --loss {saved_loss}; resume it with "
                              f"--loss {saved_loss} (this run asks for {self.cfg.loss})")
+        saved_scenes = state.get("train_config", {}).get("scenes")
+        if saved_scenes != self.cfg.scenes:
+            def data(kind: str | None) -> str:
+                return f"--scenes {kind}" if kind else "single digits"
+            raise ValueError(f"{path} was trained on {data(saved_scenes)}; resume it on the "
+                             f"same (this run asks for {data(self.cfg.scenes)})")
         self.model = model_from_checkpoint(obj, path).to(self.device)
         self.optimizer = make_optimizer(self.cfg, self.model)
         try:
@@ -335,20 +387,36 @@ class Trainer:
     def step(self) -> tuple[float, float]:
         """One training iteration; returns (loss, majority-vote accuracy on the batch)."""
         cfg = self.cfg
-        idx = batch_indices(len(self.images), cfg.batch_size, self.iteration, cfg.seed)
+        idx = (torch.arange(cfg.batch_size) if cfg.scenes else
+               batch_indices(len(self.images), cfg.batch_size, self.iteration, cfg.seed))
         loss, correct, _ = self.batch_loss(self.model, idx)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         return loss.item(), correct.float().mean().item()
 
+    def training_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This iteration's images `(B, 1, H, W)` and targets: the training images `idx` and
+        their labels `(B,)`; with scenes, the scenes at positions `idx` of the iteration's fresh
+        batch of cfg.batch_size scenes and each column's class, its object's `(B, h, w)`. The
+        scenes are drawn seeded by (seed, iteration), so a resumed run draws the same ones."""
+        cfg = self.cfg
+        if not cfg.scenes:
+            return self.images[idx], self.labels[idx]
+        generator = torch.Generator().manual_seed(cfg.seed * EPOCH_SEED + self.iteration)
+        batch = scene_batch(self.images, self.labels, cfg.batch_size, generator, cfg.scenes,
+                            name=cfg.dataset)[idx]
+        return batch.images, column_targets(batch.labels, column_objects(batch.objects,
+                                                                         self.model.patch))
+
     def batch_loss(self, network: torch.nn.Module,
                    idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The loss of the training images `idx` rolled out by `network` (the model, or its
-        DistributedDataParallel wrapper), which of them the rollout votes right `(B,)`, and their
-        weights in the loss `(B,)` (None: all 1). Sets this iteration's learning rate."""
+        """The loss of the training batch `idx` (see training_batch) rolled out by `network` (the
+        model, or its DistributedDataParallel wrapper), which of its images the rollout votes
+        right `(B,)`, and their weights in the loss `(B,)` (None: all 1). Sets this iteration's
+        learning rate."""
         cfg = self.cfg
-        x, y = self.images[idx].to(self.device), self.labels[idx].to(self.device)
+        x, y = (t.to(self.device) for t in self.training_batch(idx))
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, self.iteration)
         if cfg.shift:
@@ -367,10 +435,21 @@ class Trainer:
         return top_level_loss(self.model, levels.float(), y, cfg.loss, weights), correct, weights
 
     def evaluate(self) -> dict[str, Any]:
-        metrics = evaluate_model(self.model, self.eval_images, self.eval_labels,
-                                 batch_size=250, progress=False)
-        return {k: metrics[k] for k in ("majority_vote_accuracy", "per_column_accuracy",
-                                        "all_columns_agree")}
+        """The curve's metrics on the held-out images. On the validation scenes: each object's
+        majority vote (`majority_vote_accuracy` = `object_accuracy`), each column's vote against
+        its object's class (`per_column_accuracy`), the scenes with every object right, and the
+        adjusted Rand index of the top-level islands (tau EVAL_TAU) and the objects."""
+        if self.eval_scenes is None:
+            metrics = evaluate_model(self.model, self.eval_images, self.eval_labels,
+                                     batch_size=250, progress=False)
+            return {k: metrics[k] for k in ("majority_vote_accuracy", "per_column_accuracy",
+                                            "all_columns_agree")}
+        metrics = evaluate_scenes(self.model, self.eval_scenes, tau=EVAL_TAU, batch_size=100)
+        return {"majority_vote_accuracy": metrics["object_accuracy"],
+                "per_column_accuracy": metrics["column_accuracy"],
+                "object_accuracy": metrics["object_accuracy"],
+                "all_objects_right": metrics["all_objects_right"],
+                "island_ari": metrics["islands"][EVAL_TAU]["island_ari"]}
 
     def all_stop(self, stop: bool) -> bool:
         """Whether training stops after this iteration, `stop` saying whether this process asks
@@ -528,8 +607,10 @@ LOG_KEYS = ["iteration", "wall", "loss", "train_accuracy", "majority_vote_accura
 
 
 def write_log_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """Log rows as CSV, atomically; `stage` and `loss_kind` columns when the rows have them."""
-    keys = LOG_KEYS + [k for k in ("stage", "loss_kind") if rows and k in rows[0]]
+    """Log rows as CSV, atomically; `stage` and `loss_kind` columns when the rows have them,
+    and the scenes' metrics (SCENE_KEYS) when any row has them."""
+    keys = (LOG_KEYS + [k for k in SCENE_KEYS if any(k in row for row in rows)]
+            + [k for k in ("stage", "loss_kind") if rows and k in rows[0]])
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
@@ -588,7 +669,9 @@ def load_training_data(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
     """(train images, train labels, held-out images, held-out labels), normalised, from
     cfg.root. Held out: the first cfg.eval_images of the last cfg.val training images (the
     validation split, on which every choice is made), or with val=0 of the test images (a
-    curve only)."""
+    curve only). With cfg.scenes: the raw digits `(M, 28, 28)` uint8 that the scenes are
+    composed of, all cfg.val validation digits held out (the curve's cfg.eval_images scenes
+    are drawn from them)."""
     from .data import load_split, normalise, prepare
 
     prepare(cfg.dataset, cfg.root)
@@ -600,13 +683,17 @@ def load_training_data(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
         images, labels = images[:-cfg.val], labels[:-cfg.val]
     else:
         held_images, held_labels = load_split(cfg.dataset, cfg.root, train=False)
-    for flag, asked, have in (("--limit-train", cfg.limit_train, len(images)),
-                              ("--eval-images", cfg.eval_images, len(held_images))):
+    limits = [("--limit-train", cfg.limit_train, len(images))]
+    if not cfg.scenes:                                 # scenes: as many as asked, from all
+        limits.append(("--eval-images", cfg.eval_images, len(held_images)))
+    for flag, asked, have in limits:
         if asked is not None and asked > have:
             print(f"{flag} {asked}: the split has {have} images; using all {have}", file=sys.stderr)
-    held_images, held_labels = held_images[:cfg.eval_images], held_labels[:cfg.eval_images]
     if cfg.limit_train:
         images, labels = images[:cfg.limit_train], labels[:cfg.limit_train]
+    if cfg.scenes:
+        return images, labels, held_images, held_labels
+    held_images, held_labels = held_images[:cfg.eval_images], held_labels[:cfg.eval_images]
     return (normalise(images, cfg.dataset), labels,
             normalise(held_images, cfg.dataset), held_labels)
 
@@ -629,6 +716,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif f.name in ("loss", "optimizer"):
             parser.add_argument(flag, choices=LOSSES if f.name == "loss" else OPTIMIZERS,
                                 default=None, help=f"(default {default})")
+        elif f.name == "scenes":
+            parser.add_argument(flag, choices=sorted(SCENE_KINDS), default=None,
+                                help="train a patch preset on fresh scenes of several digits "
+                                     "of this kind, each column against its object's class "
+                                     "(default: single digits; needs --val)")
         else:
             kind = {"iterations": int, "batch_size": int, "seed": int, "limit_train": int,
                     "eval_every": int, "eval_images": int, "checkpoint_every": int,
@@ -749,10 +841,7 @@ def run(args: argparse.Namespace) -> int:
                 remove_stale_temporaries(out, RUN_FILES)
             data = load_training_data(cfg)
             trainer = (Trainer if rank is None else DistributedTrainer)(
-                cfg, *data, resume=args.resume,
-                on_eval=lambda row: tqdm.write(
-                    f"iter {row['iteration']}: held-out majority-vote accuracy "
-                    f"{row['majority_vote_accuracy']:.4f}, loss {row['loss']:.4f}"))
+                cfg, *data, resume=args.resume, on_eval=lambda row: tqdm.write(progress_line(row)))
             summary = trainer.fit()
     if not writer:
         return 0
@@ -765,6 +854,16 @@ def run(args: argparse.Namespace) -> int:
               f"--resume {out / 'last.pt'}, or ship it as it is with "
               f"`python -m glom_mnist export`)")
     return 0
+
+
+def progress_line(row: dict[str, Any]) -> str:
+    """The line an evaluation during training prints."""
+    if "object_accuracy" in row:
+        return (f"iter {row['iteration']}: validation scenes object accuracy "
+                f"{row['object_accuracy']:.4f}, all objects right {row['all_objects_right']:.4f}, "
+                f"island ARI {row['island_ari']:.4f}, loss {row['loss']:.4f}")
+    return (f"iter {row['iteration']}: held-out majority-vote accuracy "
+            f"{row['majority_vote_accuracy']:.4f}, loss {row['loss']:.4f}")
 
 
 def export_run(checkpoint: str | Path, out: str | Path,
@@ -781,7 +880,8 @@ def export_run(checkpoint: str | Path, out: str | Path,
         metrics = {"iterations": state["iteration"], "scheduled_iterations": scheduled,
                    "finished": scheduled is not None and state["iteration"] >= scheduled,
                    "wall_seconds": state["wall"],
-                   **({f"held_out_{k}": evaluated[-1][k] for k in LOG_KEYS[4:] + ["iteration"]
+                   **({f"held_out_{k}": evaluated[-1][k]
+                       for k in LOG_KEYS[4:] + SCENE_KEYS + ["iteration"]
                        if k in evaluated[-1]} if evaluated else {})}
     save_checkpoint(model_from_checkpoint(obj, checkpoint), out, metrics=metrics,
                     provenance_info=obj.get("provenance"))

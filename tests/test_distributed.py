@@ -107,6 +107,29 @@ def test_two_processes_train_as_one_on_the_combined_batch(tmp_path, one_thread):
         torch.testing.assert_close(theirs[name], ours[name], rtol=1e-5, atol=1e-6)
 
 
+@needs_mnist
+def test_two_processes_train_on_scenes_as_one(tmp_path, one_thread):
+    patch = {"steps": 2, "dim": 8, "loss_steps": 1}
+    run = {"preset": "patch_small", "scenes": "pair", "val": 100, "limit_train": 64,
+           "batch_size": 8, "iterations": 2, "eval_images": 4, "eval_every": 2}
+    done = torchrun("-m", "glom_mnist", "train",
+                    *[a for k, v in patch.items() for a in ("--set", f"{k}={v}")],
+                    *[f"--{k.replace('_', '-')}={v}" for k, v in run.items()], "--device", "cpu",
+                    "--root", str(DATA), "--out-dir", str(tmp_path / "ddp"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    cfg = TrainConfig(model_overrides=patch, **run, device="cpu", root=str(DATA),
+                      out_dir=str(tmp_path / "single"))
+    single = Trainer(cfg, *load_training_data(cfg))
+    single.fit(progress=False)
+    shared = load_checkpoint(tmp_path / "ddp" / "last.pt", device="cpu")
+    for name, value in single.model.state_dict().items():
+        torch.testing.assert_close(shared.state_dict()[name], value, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+    log = read_checkpoint(tmp_path / "ddp" / "last.pt")["training"]["log"]
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in single.log], rel=1e-5)
+    assert log[-1]["island_ari"] == pytest.approx(single.log[-1]["island_ari"], abs=1e-6)
+
+
 def test_a_resumed_run_draws_what_an_uninterrupted_one_does(tmp_path):
     done = torchrun(str(REPO / "tests" / "ddp_worker.py"), "resume", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]

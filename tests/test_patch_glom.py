@@ -119,6 +119,40 @@ def test_loss_averages_the_columns_over_the_last_steps():
     assert torch.equal(right, model.predict(x) == y)
 
 
+def test_the_loss_takes_each_columns_own_target():
+    model = tiny()
+    x = images(2, 28, 56)                                               # 7 x 14 columns
+    votes = model.votes(model(x))                                       # (B, h, w)
+    targets = votes.clone()                                             # every column right
+    targets[0] = (votes[0] + 1) % 10                                    # scene 0: all wrong
+    loss, right = model.loss(x, targets)
+    logits = model.scores(model(x, return_all=True)[-2:])               # (S, B, C, h, w)
+    manual = torch.stack([F.cross_entropy(l, targets) for l in logits]).mean()
+    assert torch.allclose(loss, manual, atol=1e-6)
+    assert right.tolist() == [False, True]
+    y = torch.tensor([3, 7])                                            # a label is every column's
+    assert torch.equal(model.loss(x, y)[0], model.loss(x, y[:, None, None].expand(2, 7, 14))[0])
+    with pytest.raises(ValueError, match="per-column classes"):
+        model.loss(x, targets[:, :, :7])
+
+
+def test_an_image_is_right_when_every_targets_columns_vote_it():
+    model = tiny()
+    x = images(1, 28, 56)
+    votes = model.votes(model(x))[0]                                    # (h, w)
+    targets = torch.where(torch.arange(14) < 7, 2, 9).expand(7, 14).clone()
+    left, right = votes[:, :7].flatten(), votes[:, 7:].flatten()
+    expected = (torch.bincount(left, minlength=10).argmax() == 2
+                and torch.bincount(right, minlength=10).argmax() == 9)
+    assert model.loss(x, targets[None])[1].item() == expected
+    targets[:, :7] = torch.bincount(left, minlength=10).argmax()        # the left half right
+    targets[:, 7:] = torch.bincount(right, minlength=10).argmax()       # and the right half
+    assert model.loss(x, targets[None])[1].item()
+    absent = [c for c in range(10) if c not in votes[0, 7:].tolist()][0]
+    targets[0, 7:] = absent                                             # a class none of them votes
+    assert not model.loss(x, targets[None])[1].item()
+
+
 def test_small_preset_is_under_25k_parameters():
     small = PatchGlom(model_config("patch_small"))
     assert sum(p.numel() for p in small.parameters()) <= 25_000

@@ -1,0 +1,161 @@
+"""Training a patch GLOM on scenes of several digits (`train --scenes`), and measuring a
+checkpoint on test scenes (the `scenes` command). Toy digits (solid rectangles whose height
+names their class) for training; MNIST for the commands end to end."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from glom_mnist.checkpoint import read_checkpoint
+from glom_mnist.cli import build_parser
+from glom_mnist.cli import main as cli_main
+from glom_mnist.train import TrainConfig, Trainer
+from test_scenes import toy_digits
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+needs_mnist = pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(),
+                                 reason="MNIST not prepared (`make data`; `make test` does it first)")
+TINY = {"steps": 2, "dim": 8, "loss_steps": 1, "pos_freqs": 1}
+
+
+def toy_split() -> tuple[torch.Tensor, ...]:
+    """Raw toy digits as `load_training_data` gives them with --scenes: training classes 0-5
+    (three of each), validation classes 6-9."""
+    images, labels = toy_digits()
+    train = labels < 6
+    return images[train].repeat(3, 1, 1), labels[train].repeat(3), images[~train], labels[~train]
+
+
+def scene_cfg(tmp_path: Path, name: str, **changes) -> TrainConfig:
+    values = dict(preset="patch_small", scenes="pair", model_overrides=TINY, val=4, iterations=4,
+                  batch_size=4, eval_every=2, eval_images=6, checkpoint_every=2, lr=3e-3,
+                  schedule="cosine", warmup=1, out_dir=str(tmp_path / name), device="cpu")
+    return TrainConfig(**{**values, **changes})
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    code = cli_main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(code: int, err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err)
+    return lines[0]
+
+
+# ---- training on scenes -----------------------------------------------------------------------
+
+def test_a_batch_is_fresh_pairs_of_training_digits_each_column_targeting_its_digit(tmp_path):
+    trainer = Trainer(scene_cfg(tmp_path, "a"), *toy_split())
+    assert (trainer.model.cfg.height, trainer.model.cfg.width) == (28, 56)
+    x, targets = trainer.training_batch(torch.arange(4))
+    assert x.shape == (4, 1, 28, 56) and targets.shape == (4, 7, 14)
+    ink = x[:, 0] > 0.5                                                   # the rectangles' inside
+    for scene, target in zip(ink, targets):
+        # a toy digit's class is its height - 6; each half of a pair holds one digit
+        left, right = (int(half.any(1).sum()) - 6 for half in (scene[:, :28], scene[:, 28:]))
+        assert left != right and {left, right} <= set(range(6))          # training classes only
+        on_digit = scene.reshape(7, 4, 14, 4).any(3).any(1)              # (7, 14) digit columns
+        assert (target[:, :7][on_digit[:, :7]] == left).all()
+        assert (target[:, 7:][on_digit[:, 7:]] == right).all()
+        assert set(target.unique().tolist()) == {left, right}
+    trainer.iteration = 1                                                 # the next iteration's
+    assert not torch.equal(trainer.training_batch(torch.arange(4))[0], x)
+    again = Trainer(scene_cfg(tmp_path, "b"), *toy_split())               # the same seed's
+    assert torch.equal(again.training_batch(torch.arange(4))[0], x)
+    validation = trainer.eval_scenes.labels
+    assert len(validation) == 6 and set(validation[validation >= 0].tolist()) <= {6, 7, 8, 9}
+
+
+def test_scene_training_resumes_exactly_and_logs_the_object_metrics(tmp_path):
+    straight = Trainer(scene_cfg(tmp_path, "a"), *toy_split())
+    straight.fit(progress=False)
+    first = Trainer(scene_cfg(tmp_path, "b", iterations=2), *toy_split())
+    first.fit(progress=False)
+    torch.manual_seed(99)                                                 # disturb the RNG
+    resumed = Trainer(scene_cfg(tmp_path, "b"), *toy_split(), resume=tmp_path / "b" / "last.pt")
+    resumed.fit(progress=False)
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert [r["loss"] for r in straight.log] == [r["loss"] for r in resumed.log]
+
+    curve = json.loads((tmp_path / "a" / "curve.json").read_text())
+    assert [r["iteration"] for r in curve] == [2, 4]
+    for row in curve:
+        assert 0 <= row["all_objects_right"] <= row["object_accuracy"] <= 1
+        assert row["majority_vote_accuracy"] == row["object_accuracy"]
+        assert -1 <= row["island_ari"] <= 1 and "all_columns_agree" not in row
+    assert "island_ari" in (tmp_path / "a" / "log.csv").read_text().splitlines()[0]
+    saved = read_checkpoint(tmp_path / "a" / "last.pt")
+    assert (saved["config"]["height"], saved["config"]["width"]) == (28, 56)
+    assert saved["provenance"]["train_config"]["scenes"] == "pair"
+
+    with pytest.raises(ValueError, match="trained on --scenes pair"):
+        Trainer(scene_cfg(tmp_path, "b", scenes="random", iterations=6), *toy_split(),
+                resume=tmp_path / "b" / "last.pt")
+
+
+def test_what_scene_training_cannot_do_is_refused_in_one_line(tmp_path, capsys):
+    for changes, says in ((dict(preset="seed", model_overrides={}), "only the patch presets"),
+                          (dict(shift=2), "drop --shift"),
+                          (dict(val=0), "give --val N"),
+                          (dict(model_overrides={**TINY, "width": 28}), "drop --set width=28"),
+                          (dict(scenes="triple"), "scenes must be one of")):
+        with pytest.raises(ValueError, match=says):
+            scene_cfg(tmp_path, "x", **changes)
+    code, _, err = cli(capsys, "train", "--scenes", "pair", "--val", "100", "--out-dir",
+                       tmp_path / "seed")
+    assert "--preset patch or patch_small, not seed" in one_error_line(code, err)
+    assert not (tmp_path / "seed" / "last.pt").exists()
+
+
+# ---- the commands end to end on MNIST ---------------------------------------------------------
+
+@needs_mnist
+def test_train_on_scenes_then_measure_the_checkpoint_on_test_scenes(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, err = cli(capsys, "train", "--preset", "patch_small", "--scenes", "pair",
+                         *[a for kv in TINY.items() for a in ("--set", "%s=%s" % kv)],
+                         "--val", "100", "--limit-train", "64", "--batch-size", "4",
+                         "--iterations", "2", "--eval-images", "4", "--eval-every", "2",
+                         "--device", "cpu", "--root", DATA, "--out-dir", run)
+    assert code == 0, err
+    assert "validation scenes object accuracy" in err + out
+    [row] = json.loads((run / "curve.json").read_text())
+    assert {"object_accuracy", "all_objects_right", "island_ari"} <= row.keys()
+
+    checkpoint, metrics = run / "last.pt", tmp_path / "scenes.json"
+    args = ["scenes", "--checkpoint", checkpoint, "--kind", "pair", "--scenes", "6",
+            "--tau", "0.9", "0.5", "--batch-size", "4", "--device", "cpu", "--root", DATA,
+            "--json", metrics]
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err
+    assert "object accuracy" in out and "all objects right" in out and "island ARI" in out
+    found = json.loads(metrics.read_text())
+    assert found["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert found["checkpoint_name"] == "last.pt" and found["kind"] == "pair"
+    assert found["scenes"] == 6 and found["seed"] == 0 and found["canvas"] == [28, 56]
+    assert set(found["islands"]) == {"0.9", "0.5"}
+    assert len(found["islands"]["0.9"]["containment"]) == 3               # one per level
+    command = found["command"].split()
+    assert command[:3] == ["python", "-m", "glom_mnist"]
+    assert vars(build_parser("scenes").parse_args(command[3:])) == \
+        vars(build_parser("scenes").parse_args([str(a) for a in args]))  # the same options
+
+    before = metrics.read_bytes()
+    code, out, err = cli(capsys, *args)                                   # no overwrite ...
+    assert "pass --force" in one_error_line(code, err) and "object accuracy" not in out
+    assert metrics.read_bytes() == before
+    assert cli(capsys, *args, "--force")[0] == 0                          # ... unless --force
+    assert json.loads(metrics.read_text()) == found                       # seeded: the same
+    saved = checkpoint.read_bytes()
+    code, _, err = cli(capsys, *args[:-1], checkpoint, "--force")         # never the checkpoint
+    assert "is the checkpoint being measured" in one_error_line(code, err)
+    assert checkpoint.read_bytes() == saved
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
