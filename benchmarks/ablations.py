@@ -1,4 +1,5 @@
-"""Ablations of the patch GLOM: each ingredient off in turn, at the same budget and seed.
+"""Ablations of the patch GLOM: each ingredient off in turn, at the same budget and seed
+(and one variant with a wider consensus).
 
 Every run trains the small patch preset (the variant that ships as glom_small.pt) for the same
 number of images with the same seed, schedule and augmentation, and is scored on the validation
@@ -32,6 +33,7 @@ VARIANTS: dict[str, list[str]] = {
     "steps_4": ["steps=4", "loss_steps=2"],           # half the iterations of the rollout
     "loss_last_step": ["loss_steps=1"],               # the loss on the final state only
     "patch_2": ["patch=2", "stem=6"],                 # 2x2-pixel columns, 4x as many
+    "kernel_5": ["kernel=5"],                         # consensus over 5x5 columns, not 3x3
 }
 
 

@@ -9,6 +9,10 @@ beyond what imports, model and data took) and the ratios; `--json` writes them.
 
     python benchmarks/bench_model.py [--repeats 2] [--batch 60] [--steps 30] [--json out.json]
     python benchmarks/bench_model.py --device cuda --only-fast --amp   # fp32 vs bf16 autocast
+    python benchmarks/bench_model.py --only-fast --patch   # the patch presets beside the seed's
+
+`--patch` adds the `patch` and `patch_small` presets (their own 8 steps and cross-entropy over
+the last steps' columns, glom_mnist/patch_glom.py) at the same batch, compared with `fast`.
 """
 from __future__ import annotations
 
@@ -53,6 +57,17 @@ def child(impl: str, mode: str, batch: int, steps: int, iterations: int, warmup:
 
         def loss_fn():
             return oracle_loss(model, images, labels)
+
+        def forward():
+            return model(images)
+    elif impl in ("patch", "patch_small"):  # the patch presets, their own steps and loss
+        from glom_mnist.config import model_config
+        from glom_mnist.patch_glom import PatchGlom
+
+        model = PatchGlom(model_config(impl)).to(dev)
+
+        def loss_fn():
+            return model.loss(images, labels)[0]
 
         def forward():
             return model(images)
@@ -156,6 +171,8 @@ def main() -> None:
     parser.add_argument("--torch-networks", action="store_true",
                         help="also the fast model with its pure-torch networks (GLOM_NATIVE=0) "
                              "instead of the compiled ones")
+    parser.add_argument("--patch", action="store_true",
+                        help="also measure the patch and patch_small presets")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -166,7 +183,8 @@ def main() -> None:
 
     impls = ((["fast"] if args.only_fast else ["oracle", "fast"])
              + (["fast-torch"] if args.torch_networks else [])
-             + (["fast-bf16"] if args.amp else []) + (["fast-compiled"] if args.compile else []))
+             + (["fast-bf16"] if args.amp else []) + (["fast-compiled"] if args.compile else [])
+             + (["patch", "patch_small"] if args.patch else []))
     results: dict[tuple[str, str], list[dict]] = {}
     for r in range(args.repeats):
         for mode in ("train", "eval"):
@@ -207,6 +225,9 @@ def main() -> None:
         compare(summary, "fast", "fast-compiled", "compile_")
         if not args.only_fast:
             compare(summary, "oracle", "fast-compiled", "compiled_")
+    if args.patch:
+        compare(summary, "fast", "patch", "patch_")
+        compare(summary, "fast", "patch_small", "patch_small_")
     if args.json:
         write_json(args.json, summary)
 

@@ -30,14 +30,16 @@ partition of the columns, by island or by vote, matches the objects) and `island
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .model import Glom, majority_vote, vote_counts  # the majority rule of both families
-from .patch_glom import PatchGlom
+
+if TYPE_CHECKING:  # patch_glom imports islands' object measures
+    from .patch_glom import PatchGlom
 
 # half of the model's 8 torus neighbours as (dy, dx); the other half are their opposites
 HALF_NEIGHBOURS = ((0, 1), (1, -1), (1, 0), (1, 1))
