@@ -116,7 +116,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a glom-mnist checkpoint (.pt)")
     parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
     parser.add_argument("--root", default="data", help="data folder (default: data)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N test images")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only the first N images (of the test set, or of --val)")
+    parser.add_argument("--val", type=int, default=None, metavar="N",
+                        help="the validation split instead of the test set: the last N training "
+                             "images, as `train --val N` held them out (for choices, such as "
+                             "--steps; the test set is for final numbers)")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--steps", type=int, default=None, help="rollout steps (default: config)")
     parser.add_argument("--json", default=None, help="write the metrics to this JSON file")
@@ -144,7 +149,7 @@ def is_metrics_json(path: Path) -> bool:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Every option checked before anything is loaded or computed: one line per problem."""
-    for name in ("limit", "batch_size", "steps"):
+    for name in ("limit", "batch_size", "steps", "val"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -166,10 +171,17 @@ def run(args: argparse.Namespace) -> int:
     check_arguments(args)
     model = load_checkpoint(path, device=args.device or default_device())
     prepare(args.dataset, args.root)
-    images, labels = load_split(args.dataset, args.root, train=False)
+    split = "test" if args.val is None else f"validation (the last {args.val} training images)"
+    where = "the test set" if args.val is None else "the validation split"
+    images, labels = load_split(args.dataset, args.root, train=args.val is not None)
+    if args.val is not None:
+        if args.val >= len(images):
+            raise ValueError(f"--val {args.val}: the training set has {len(images)} images; "
+                             "the validation split must leave some for training")
+        images, labels = images[-args.val:], labels[-args.val:]
     if args.limit:
         if args.limit > len(images):
-            print(f"--limit {args.limit}: the test set has {len(images)} images; evaluating "
+            print(f"--limit {args.limit}: {where} has {len(images)} images; evaluating "
                   f"all {len(images)}", file=sys.stderr)
         images, labels = images[:args.limit], labels[:args.limit]
     if args.repeats < 1:
@@ -183,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = runs[0]
     if args.repeats > 1:
         metrics = repeated_metrics(runs)
-    metrics.update(checkpoint=str(path), dataset=args.dataset, split="test", seed=args.seed,
+    metrics.update(checkpoint=str(path), dataset=args.dataset, split=split, seed=args.seed,
                    device=str(next(model.parameters()).device),
                    data_md5=verify(args.dataset, args.root),
                    command=command_line(args))

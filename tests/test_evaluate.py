@@ -74,3 +74,25 @@ def test_the_command_writes_metrics_and_a_command_that_runs_again(tmp_path, caps
     assert first["seed"] == 0
     assert {k: v for k, v in again.items() if k != "seconds"} == \
         {k: v for k, v in first.items() if k != "seconds"}
+
+
+def test_val_evaluates_the_last_training_images_that_train_val_held_out(tmp_path):
+    """`evaluate --val N` scores the validation split, the images `train --val N` held out, so
+    that choices such as the rollout's length are made without the test set."""
+    from glom_mnist.data import load_split, normalise
+
+    torch.manual_seed(0)
+    model = Glom(GlomConfig.preset("seed", steps=1))
+    checkpoint = tmp_path / "m.pt"
+    save_checkpoint(model, checkpoint)
+    out = tmp_path / "val.json"
+    assert cli_main(["evaluate", "--checkpoint", str(checkpoint), "--root", str(DATA),
+                     "--val", "50", "--limit", "6", "--batch-size", "6", "--device", "cpu",
+                     "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["split"].startswith("validation") and metrics["images"] == 6
+    raw, labels = load_split("mnist", str(DATA), train=True)
+    torch.manual_seed(0)
+    expected = evaluate_model(model.eval(), normalise(raw[-50:][:6], "mnist"), labels[-50:][:6],
+                              batch_size=6, progress=False)
+    assert metrics["confusion_matrix"] == expected["confusion_matrix"]
