@@ -12,8 +12,8 @@ import torch
 
 from glom_mnist.checkpoint import read_checkpoint
 from glom_mnist.cli import build_parser
-from glom_mnist.cli import main as cli_main
 from glom_mnist.train import TrainConfig, Trainer
+from test_reliability import cli, one_error_line
 from test_scenes import toy_digits
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -35,18 +35,6 @@ def scene_cfg(tmp_path: Path, name: str, **changes) -> TrainConfig:
                   batch_size=4, eval_every=2, eval_images=6, checkpoint_every=2, lr=3e-3,
                   schedule="cosine", warmup=1, out_dir=str(tmp_path / name), device="cpu")
     return TrainConfig(**{**values, **changes})
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    code = cli_main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(code: int, err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err)
-    return lines[0]
 
 
 # ---- training on scenes -----------------------------------------------------------------------
