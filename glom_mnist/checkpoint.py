@@ -154,6 +154,16 @@ def model_from_checkpoint(obj: dict[str, Any], path: str | Path = "checkpoint") 
     return model
 
 
+def existing_checkpoint(path: str | Path) -> Path:
+    """`path` as a Path if it is a file; else the commands' one-line refusal, said before any
+    data is prepared or loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train one (`python -m glom_mnist "
+                                "train`, or `make train`) or use a file from best_models/")
+    return path
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device | None = None, *,
                     height: int | None = None, width: int | None = None) -> Glom:
     """The Glom model saved at `path`, in eval mode, on `device` (default: CUDA if available).

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import default_device, load_checkpoint
+from .checkpoint import default_device, existing_checkpoint, load_checkpoint
 from .cli import command_line
 from .files import atomic_write_text, check_new_file
 from .model import Glom
@@ -164,10 +164,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from .data import load_split, normalise, prepare, verify
 
-    path = Path(args.checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: train one (`make train`) or use a "
-                                "file from best_models/")
+    path = existing_checkpoint(args.checkpoint)
     check_arguments(args)
     model = load_checkpoint(path, device=args.device or default_device())
     prepare(args.dataset, args.root)

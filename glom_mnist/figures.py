@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from . import plots
-from .checkpoint import default_device, load_checkpoint, read_checkpoint
+from .checkpoint import default_device, existing_checkpoint, load_checkpoint, read_checkpoint
 from .islands import digit_mask, islands, part_whole_table, rollout_statistics, vote_share
 from .train import read_log_csv
 
@@ -94,10 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from .data import load_split, normalise, prepare
 
     matplotlib.use("Agg")
-    path = Path(args.checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: pass --checkpoint with a file from "
-                                "best_models/ or a run's last.pt (`make train` writes one)")
+    path = existing_checkpoint(args.checkpoint)
     if min(args.images, args.digits, args.gif_digits) < 1 or args.digits > args.images:
         raise ValueError("--images, --digits and --gif-digits must be >= 1, --digits <= --images")
     prepare(args.dataset, args.root)

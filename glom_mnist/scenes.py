@@ -487,15 +487,12 @@ def _json_safe(value: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import default_device, load_checkpoint
+    from .checkpoint import default_device, existing_checkpoint, load_checkpoint
     from .cli import command_line
     from .data import prepare, verify
     from .files import atomic_write_text
 
-    path = Path(args.checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: train one (`python -m glom_mnist "
-                                "train`) or use a file from best_models/")
+    path = existing_checkpoint(args.checkpoint)
     check_arguments(args)
     H, W = KINDS[args.kind]
     model = load_checkpoint(path, device=args.device or default_device(), height=H, width=W)
