@@ -9,6 +9,7 @@ DATA ?= data
 CHECKPOINT ?= best_models/glom_seed_hard.pt
 CONSENSUS := best_models/glom_consensus.pt
 SMALL := best_models/glom_small.pt
+BEST := best_models/glom_best.pt
 # `make notebook` as root (a container): Jupyter refuses root without --allow-root, and there
 # is no browser to open; listen on all addresses so that a published port reaches it
 NOTEBOOK_ARGS ?= $(shell [ "$$(id -u)" = 0 ] && echo --allow-root --no-browser --ip=0.0.0.0)
@@ -51,13 +52,16 @@ evaluate: data             ## the best model on the test set; metrics and figure
 	    --out runs/evaluate/$(notdir $(basename $(CHECKPOINT))); \
 	fi
 
-figures: data              ## redraw imgs/, imgs/consensus/, imgs/small/ (the one target that writes tracked files)
+figures: data              ## redraw imgs/, imgs/consensus/, imgs/small/, imgs/best/ (the one target that writes tracked files)
 	$(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(CHECKPOINT) --out imgs
 	@if [ -f $(CONSENSUS) ]; then \
 	  $(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(CONSENSUS) --out imgs/consensus; \
 	fi
 	@if [ -f $(SMALL) ]; then \
 	  $(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(SMALL) --out imgs/small; \
+	fi
+	@if [ -f $(BEST) ]; then \
+	  $(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(BEST) --out imgs/best; \
 	fi
 
 test: data                 ## the whole test suite, notebooks (smoke mode) included

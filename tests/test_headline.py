@@ -1,10 +1,11 @@
-"""The best shipped model still gives its recorded result: a change to the model, the rollout, the
-vote or the data pipeline that moves the headline number fails here.
+"""The best shipped models still give their recorded results: a change to a model, the rollout, the
+vote or the data pipeline that moves a headline number fails here.
 
-The record, best_models/glom_seed_hard_first500.json, holds counts on the first 500 test images
-(seed 0 for the initial noise, one batch, eval mode: no dropout, no noise), written by
+Each record, best_models/NAME_first500.json (glom_seed_hard: the seed's architecture; glom_best:
+the patch GLOM), holds counts on the first 500 test images (seed 0 for the initial noise, one
+batch, eval mode: no dropout, no noise), written by
 
-    PYTHONPATH=. python tests/test_headline.py --write
+    PYTHONPATH=. python tests/test_headline.py NAME --write
 
 Evaluation has no dropout, so the compiled CPU networks and the pure-torch ones compute the same
 rollout up to rounding, and both must reproduce the record exactly.
@@ -25,17 +26,23 @@ from glom_mnist.data import load_split, normalise, prepare
 from glom_mnist.evaluate import evaluate_model
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINT = ROOT / "best_models" / "glom_seed_hard.pt"
-RECORD = ROOT / "best_models" / "glom_seed_hard_first500.json"
+MODELS = ("glom_seed_hard", "glom_best")
 IMAGES, SEED = 500, 0
+
+
+def checkpoint_of(name: str) -> Path:
+    return ROOT / "best_models" / f"{name}.pt"
+
+
+def record_of(name: str) -> Path:
+    return ROOT / "best_models" / f"{name}_first500.json"
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def measure(checkpoint: Path = CHECKPOINT, images: int = IMAGES,
-            seed: int = SEED) -> dict[str, Any]:
+def measure(checkpoint: Path, images: int = IMAGES, seed: int = SEED) -> dict[str, Any]:
     """Counts of `checkpoint` on the first `images` MNIST test images, on the CPU."""
     prepare("mnist", ROOT / "data")
     model = load_checkpoint(checkpoint, device="cpu")
@@ -48,7 +55,8 @@ def measure(checkpoint: Path = CHECKPOINT, images: int = IMAGES,
                                  batch_size=images, progress=False)
     finally:
         torch.set_num_threads(threads)
-    columns = images * model.cfg.height * model.cfg.width
+    patch = getattr(model.cfg, "patch", 1)                  # a column per pixel, or per patch
+    columns = images * (model.cfg.height // patch) * (model.cfg.width // patch)
     confusion = metrics["confusion_matrix"]                   # rows: label, columns: vote
     return {
         "checkpoint": str(checkpoint.relative_to(ROOT)),
@@ -60,35 +68,34 @@ def measure(checkpoint: Path = CHECKPOINT, images: int = IMAGES,
         "columns_right": round(metrics["per_column_accuracy"] * columns),
         "all_columns_agree": round(metrics["all_columns_agree"] * images),
         "confusion_matrix": confusion,
-        "command": "PYTHONPATH=. python tests/test_headline.py --write",
+        "command": f"PYTHONPATH=. python tests/test_headline.py {checkpoint.stem} --write",
     }
 
 
-@pytest.fixture(scope="module")
-def record() -> dict[str, Any]:
-    recorded = json.loads(RECORD.read_text())
-    assert recorded["checkpoint_sha256"] == sha256(CHECKPOINT), (
-        f"{CHECKPOINT.name} is not the file the record was measured on: if the new model is "
-        f"meant, measure it again (`{recorded['command']}`) and say why in the commit")
-    return recorded
+def recorded(name: str) -> dict[str, Any]:
+    record = json.loads(record_of(name).read_text())
+    assert record["checkpoint_sha256"] == sha256(checkpoint_of(name)), (
+        f"{name}.pt is not the file the record was measured on: if the new model is "
+        f"meant, measure it again (`{record['command']}`) and say why in the commit")
+    return record
 
 
-def check(found: dict[str, Any], recorded: dict[str, Any]) -> None:
+def check(name: str, found: dict[str, Any], record: dict[str, Any]) -> None:
     for key in ("majority_vote_right", "columns_right", "all_columns_agree", "confusion_matrix"):
-        assert found[key] == recorded[key], (
-            f"{key}: {found[key]} now, {recorded[key]} recorded ({CHECKPOINT.name}, first "
+        assert found[key] == record[key], (
+            f"{key}: {found[key]} now, {record[key]} recorded ({name}.pt, first "
             f"{IMAGES} test images, seed {SEED}): the result moved")
 
 
-def test_best_model_gives_its_recorded_counts(record: dict[str, Any]):
-    check(measure(), record)
+@pytest.mark.parametrize("name", MODELS)
+def test_best_models_give_their_recorded_counts(name: str):
+    check(name, measure(checkpoint_of(name)), recorded(name))
 
 
 @pytest.mark.slow
-def test_pure_torch_networks_give_the_same_counts(record: dict[str, Any],
-                                                  monkeypatch: pytest.MonkeyPatch):
+def test_pure_torch_networks_give_the_same_counts(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("GLOM_NATIVE", "0")                  # the path without a C++ compiler
-    check(measure(), record)
+    check("glom_seed_hard", measure(checkpoint_of("glom_seed_hard")), recorded("glom_seed_hard"))
 
 
 def dump(counts: dict[str, Any]) -> str:
@@ -99,11 +106,14 @@ def dump(counts: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    counts = measure()
-    text = dump(counts)
+    names = [a for a in sys.argv[1:] if not a.startswith("--")] or ["glom_seed_hard"]
+    if names[0] not in MODELS:
+        sys.exit(f"error: {names[0]} is not one of {', '.join(MODELS)}")
+    text = dump(measure(checkpoint_of(names[0])))
     if "--write" in sys.argv[1:]:
-        tmp = RECORD.with_name(RECORD.name + ".tmp")
+        target = record_of(names[0])
+        tmp = target.with_name(target.name + ".tmp")
         tmp.write_text(text)
-        tmp.replace(RECORD)                                  # atomic: never half a record
-        print(f"wrote {RECORD.relative_to(ROOT)}")
+        tmp.replace(target)                                  # atomic: never half a record
+        print(f"wrote {target.relative_to(ROOT)}")
     print(text, end="")
