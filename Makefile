@@ -52,7 +52,7 @@ evaluate: data             ## the best model on the test set; metrics and figure
 	    --out runs/evaluate/$(notdir $(basename $(CHECKPOINT))); \
 	fi
 
-figures: data              ## redraw imgs/, imgs/consensus/, imgs/small/, imgs/best/ (the one target that writes tracked files)
+figures: data              ## redraw imgs/ and its folders consensus/, small/, best/, scenes/ (the one target that writes tracked files)
 	$(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(CHECKPOINT) --out imgs
 	@if [ -f $(CONSENSUS) ]; then \
 	  $(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(CONSENSUS) --out imgs/consensus; \
@@ -62,6 +62,14 @@ figures: data              ## redraw imgs/, imgs/consensus/, imgs/small/, imgs/b
 	fi
 	@if [ -f $(BEST) ]; then \
 	  $(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(BEST) --out imgs/best; \
+	fi
+	@# scenes of two test digits side by side, parsed by models never trained on scenes
+	mkdir -p imgs/scenes
+	$(PY) -m glom_mnist scenes --root $(DATA) --checkpoint $(CHECKPOINT) --kind pair --scenes 8 \
+	  --figure imgs/scenes/seed_hard_pairs.png --force
+	@if [ -f $(BEST) ]; then \
+	  $(PY) -m glom_mnist scenes --root $(DATA) --checkpoint $(BEST) --kind pair --scenes 8 \
+	    --figure imgs/scenes/best_pairs.png --force; \
 	fi
 
 test: data                 ## the whole test suite, notebooks (smoke mode) included

@@ -113,7 +113,9 @@ class LevelGrid:
         names[-1] += " (top)"
         if with_votes:
             names.append("votes")
-        self.fig, axes = plt.subplots(len(names), items, figsize=(scale * items, scale * len(names)),
+        wide = max(1.0, size[1] / size[0])          # a 28 x 56 scene is twice as wide as a digit
+        self.fig, axes = plt.subplots(len(names), items,
+                                      figsize=(scale * wide * items + 0.6, scale * len(names)),
                                       squeeze=False, layout="constrained")
         for ax in axes.flat:
             ax.set_xticks([])

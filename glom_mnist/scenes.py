@@ -48,7 +48,7 @@ import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,9 @@ from .data import load_split, normalise
 from .islands import (adjusted_rand_index, column_pixels, digit_columns, island_containment,
                       islands, object_accuracy)
 from .model import Glom
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 KINDS = {"pair": (28, 56), "random": (56, 56)}   # canvas (H, W) of each layout
 INK = 128                                        # raw byte >= 128 (intensity > 0.5) is ink
@@ -400,6 +403,24 @@ def evaluate_scenes(model: torch.nn.Module, scenes: Scenes, tau: float | Sequenc
     return out
 
 
+def scene_figure(model: torch.nn.Module, scenes: Scenes, tau: float = 0.9, *, shown: int = 4,
+                 seed: int = 0, title: str | None = None) -> "Figure":
+    """The first `shown` scenes as the model parses them: the input, each level's vectors in PCA
+    colours with its islands (cosine >= tau) outlined, and each column's vote. The caller's
+    random state is left as it was."""
+    from .plots import plot_level_maps
+
+    device = next(model.parameters()).device
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        levels, scores = _rollout(model.eval(), scenes.images[:shown].to(device), seed)
+    levels = levels.cpu()
+    titles = ["digits " + " ".join(str(c) for c in row.tolist() if c >= 0)
+              for row in scenes.labels[:shown]]
+    return plot_level_maps(levels, islands(levels, tau).labels, images=scenes.raw[:shown],
+                           titles=titles, votes=scores.argmax(1).cpu(),
+                           patch=getattr(model, "patch", 1), suptitle=title)
+
+
 # ---- the command: python -m glom_mnist scenes -------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -419,7 +440,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--json", default=None, help="write the metrics to this JSON file")
-    parser.add_argument("--force", action="store_true", help="replace an existing --json file")
+    parser.add_argument("--figure", default=None, metavar="PNG",
+                        help="also draw the first 4 scenes: levels, islands at the first --tau, "
+                             "votes")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing --json or --figure file")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -438,6 +463,14 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--json {target} is the checkpoint being measured; choose another "
                              "path")
         check_new_file(target, force=args.force, flag="--json")
+    if args.figure:
+        figure = Path(args.figure)
+        if figure.suffix.lower() != ".png":
+            raise ValueError(f"--figure {figure} must be a .png file")
+        if figure.exists() and figure.resolve() == Path(args.checkpoint).resolve():
+            raise ValueError(f"--figure {figure} is the checkpoint being measured; choose another "
+                             "path")
+        check_new_file(figure, force=args.force, flag="--figure")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -490,7 +523,7 @@ def run(args: argparse.Namespace) -> int:
     from .checkpoint import default_device, existing_checkpoint, load_checkpoint
     from .cli import command_line
     from .data import prepare, verify
-    from .files import atomic_write_text
+    from .files import atomic_write, atomic_write_text
 
     path = existing_checkpoint(args.checkpoint)
     check_arguments(args)
@@ -509,4 +542,10 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(args.json, json.dumps(_json_safe(metrics), indent=2, allow_nan=False)
                           + "\n")
         print(f"wrote {args.json}")
+    if args.figure:
+        fig = scene_figure(model, scenes, args.tau[0], seed=args.seed,
+                           title=f"{path.name} on {args.kind} test scenes: islands "
+                                 f"(cosine >= {args.tau[0]}) outlined, and the votes")
+        atomic_write(args.figure, lambda f: fig.savefig(f, format="png", dpi=110))
+        print(f"wrote {args.figure}")
     return 0

@@ -147,3 +147,14 @@ def test_train_on_scenes_then_measure_the_checkpoint_on_test_scenes(tmp_path, ca
     assert "is the checkpoint being measured" in one_error_line(code, err)
     assert checkpoint.read_bytes() == saved
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+
+    figure = tmp_path / "scenes.png"                                      # the scenes drawn
+    code, out, err = cli(capsys, *args[:-2], "--figure", figure)
+    assert code == 0, err
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {figure}" in out
+    drawn = figure.read_bytes()
+    code, out, err = cli(capsys, *args[:-2], "--figure", figure)          # no overwrite ...
+    assert "pass --force" in one_error_line(code, err) and figure.read_bytes() == drawn
+    code, _, err = cli(capsys, *args[:-2], "--figure", tmp_path / "scenes.jpg")
+    assert "must be a .png file" in one_error_line(code, err)
+    assert not (tmp_path / "scenes.jpg").exists()
