@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One GPU lease, time-boxed: every run waiting in resume/ continued at once, side by side on the
+# one GPU, each stopping resumably when the time is up (resume/README.md describes the runs):
+#   - the seed's exact recipe to its 6,000 iterations, then exported and evaluated (dropout off,
+#     and on with 5 seeds);
+#   - Fashion-MNIST: the second cycle of resume/fashion to its end;
+#   - scenes: the 16-step stage of the pair and random-scene models of resume/scenes.
+#
+#   OUT=runs/gpu BUDGET_S=480 bash scripts/gpu_resume.sh
+#
+# Needs MNIST and Fashion-MNIST prepared under data/ (`make data fashion-mnist`). Writes each
+# run's folder under runs/ and, to $OUT, one .tar of each (their checkpoints, logs and metrics)
+# and the logs. PY picks the interpreter (default python3); the package runs from this tree.
+set -u
+OUT=${OUT:-runs/gpu}
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+START=$(date +%s)
+TRAIN_END=$((START + ${BUDGET_S:-480}))
+mkdir -p "$OUT/logs"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+G="$PY -m glom_mnist"
+minutes() { $PY -c "import time; print(round(max(0.1, ($TRAIN_END - time.time()) / 60), 2))"; }
+mark() { echo "$1 at $(( $(date +%s) - START )) s" >> "$OUT/logs/timeline.txt"; }
+
+seed_exact() {
+  local R=runs/notebook/full
+  mkdir -p $R && { [ -f $R/last.pt ] || cp resume/seed_exact/last.pt $R/; }
+  $G train --resume $R/last.pt --device $DEVICE --checkpoint-minutes 1 \
+    --max-minutes "$(minutes)" --save $R/model.pt
+  mark "seed exact stopped"
+  [ -f $R/model.pt ] || return 0
+  $G export --force $R/last.pt $R/glom_seed_exact.pt
+  $G evaluate --checkpoint $R/glom_seed_exact.pt --device $DEVICE --json $R/eval.json
+  $G evaluate --checkpoint $R/glom_seed_exact.pt --device $DEVICE --dropout --repeats 5 \
+    --json $R/eval_dropout.json
+  mark "seed exact evaluated"
+}
+
+fashion() {
+  local R=runs/fashion_c2
+  mkdir -p $R && { [ -f $R/last.pt ] || cp resume/fashion/c2_last.pt $R/last.pt; }
+  $G train --resume $R/last.pt --device $DEVICE --checkpoint-minutes 1 \
+    --max-minutes "$(minutes)" --save $R/model.pt
+  mark "fashion stopped"
+}
+
+scenes_16() {   # kind batch
+  local R=runs/scenes_$1/s16
+  $G train --preset patch --scenes "$1" --set steps=16 --set loss_steps=8 \
+    --init "resume/scenes/$1_s8.pt" --val 5000 --eval-images 500 --eval-every 200 \
+    --batch-size "$2" --lr 1e-3 --optimizer adamw --weight-decay 0.05 --warmup 50 \
+    --schedule cosine --iterations 800 --loss cross_entropy --device $DEVICE \
+    --checkpoint-minutes 1 --out-dir $R --save $R.pt --max-minutes "$(minutes)"
+  mark "scenes $1 stopped"
+}
+
+seed_exact > "$OUT/logs/seed_exact.log" 2>&1 &
+fashion > "$OUT/logs/fashion.log" 2>&1 &
+scenes_16 pair 128 > "$OUT/logs/scenes_pair.log" 2>&1 &
+scenes_16 random 64 > "$OUT/logs/scenes_random.log" 2>&1 &
+wait
+mark "all stopped"
+tar cf "$OUT/seed_exact.tar" runs/notebook/full
+tar cf "$OUT/fashion.tar" runs/fashion_c2
+tar cf "$OUT/scenes.tar" runs/scenes_pair/s16 runs/scenes_random/s16 runs/scenes_*/s16.* 2>/dev/null
+for f in "$OUT"/logs/*.log; do tail -c 4000 "$f" > "${f%.log}_tail.txt"; done
+ls -la "$OUT"
