@@ -3,7 +3,7 @@
 # one GPU, each stopping resumably when the time is up (resume/README.md describes the runs):
 #   - the seed's exact recipe to its 6,000 iterations, then exported and evaluated (dropout off,
 #     and on with 5 seeds);
-#   - Fashion-MNIST: the second cycle of resume/fashion to its end;
+#   - Fashion-MNIST: the cycle in progress in resume/fashion, to its end;
 #   - scenes: the 16-step stage of the pair and random-scene models of resume/scenes.
 #
 #   OUT=runs/gpu BUDGET_S=480 bash scripts/gpu_resume.sh
@@ -38,8 +38,8 @@ seed_exact() {
 }
 
 fashion() {
-  local R=runs/fashion_c2
-  mkdir -p $R && { [ -f $R/last.pt ] || cp resume/fashion/c2_last.pt $R/last.pt; }
+  local R=runs/fashion_c3
+  mkdir -p $R && { [ -f $R/last.pt ] || cp resume/fashion/c3_last.pt $R/last.pt; }
   $G train --resume $R/last.pt --device $DEVICE --checkpoint-minutes 1 \
     --max-minutes "$(minutes)" --save $R/model.pt
   mark "fashion stopped"
@@ -62,7 +62,7 @@ scenes_16 random 64 > "$OUT/logs/scenes_random.log" 2>&1 &
 wait
 mark "all stopped"
 tar cf "$OUT/seed_exact.tar" runs/notebook/full
-tar cf "$OUT/fashion.tar" runs/fashion_c2
+tar cf "$OUT/fashion.tar" runs/fashion_c3
 tar cf "$OUT/scenes.tar" runs/scenes_pair/s16 runs/scenes_random/s16 runs/scenes_*/s16.* 2>/dev/null
 for f in "$OUT"/logs/*.log; do tail -c 4000 "$f" > "${f%.log}_tail.txt"; done
 ls -la "$OUT"
