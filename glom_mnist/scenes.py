@@ -457,20 +457,16 @@ def check_arguments(args: argparse.Namespace) -> None:
     bad = [t for t in args.tau if not (math.isfinite(t) and -1 <= t <= 1)]
     if bad:
         raise ValueError(f"--tau values are cosine thresholds between -1 and 1, got {bad}")
-    if args.json:
-        target = Path(args.json)
+    if args.figure and Path(args.figure).suffix.lower() != ".png":
+        raise ValueError(f"--figure {args.figure} must be a .png file")
+    for flag, value in (("--json", args.json), ("--figure", args.figure)):
+        if not value:
+            continue
+        target = Path(value)
         if target.exists() and target.resolve() == Path(args.checkpoint).resolve():
-            raise ValueError(f"--json {target} is the checkpoint being measured; choose another "
+            raise ValueError(f"{flag} {target} is the checkpoint being measured; choose another "
                              "path")
-        check_new_file(target, force=args.force, flag="--json")
-    if args.figure:
-        figure = Path(args.figure)
-        if figure.suffix.lower() != ".png":
-            raise ValueError(f"--figure {figure} must be a .png file")
-        if figure.exists() and figure.resolve() == Path(args.checkpoint).resolve():
-            raise ValueError(f"--figure {figure} is the checkpoint being measured; choose another "
-                             "path")
-        check_new_file(figure, force=args.force, flag="--figure")
+        check_new_file(target, force=args.force, flag=flag)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -523,6 +519,8 @@ def run(args: argparse.Namespace) -> int:
     from .checkpoint import default_device, existing_checkpoint, load_checkpoint
     from .cli import command_line
     from .data import prepare, verify
+    import matplotlib.pyplot as plt
+
     from .files import atomic_write, atomic_write_text
 
     path = existing_checkpoint(args.checkpoint)
@@ -547,5 +545,6 @@ def run(args: argparse.Namespace) -> int:
                            title=f"{path.name} on {args.kind} test scenes: islands "
                                  f"(cosine >= {args.tau[0]}) outlined, and the votes")
         atomic_write(args.figure, lambda f: fig.savefig(f, format="png", dpi=110))
+        plt.close(fig)
         print(f"wrote {args.figure}")
     return 0
