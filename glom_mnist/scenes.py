@@ -519,8 +519,6 @@ def run(args: argparse.Namespace) -> int:
     from .checkpoint import default_device, existing_checkpoint, load_checkpoint
     from .cli import command_line
     from .data import prepare, verify
-    import matplotlib.pyplot as plt
-
     from .files import atomic_write, atomic_write_text
 
     path = existing_checkpoint(args.checkpoint)
@@ -541,6 +539,8 @@ def run(args: argparse.Namespace) -> int:
                           + "\n")
         print(f"wrote {args.json}")
     if args.figure:
+        import matplotlib.pyplot as plt   # only when drawing: measuring needs no plotting library
+
         fig = scene_figure(model, scenes, args.tau[0], seed=args.seed,
                            title=f"{path.name} on {args.kind} test scenes: islands "
                                  f"(cosine >= {args.tau[0]}) outlined, and the votes")

@@ -27,14 +27,13 @@ mark() { echo "$1 at $(( $(date +%s) - START )) s" >> "$OUT/logs/timeline.txt"; 
 seed_exact_seed1() {
   local R=runs/seed_exact_seed1
   mkdir -p $R
-  [ -f $R/last.pt ] || [ ! -f resume/seed_exact_seed1/last.pt ] || cp resume/seed_exact_seed1/last.pt $R/
-  if [ -f $R/last.pt ]; then
-    $G train --resume $R/last.pt --device $DEVICE --checkpoint-minutes 1 \
-      --max-minutes "$(minutes)" --save $R/model.pt
-  else   # the defaults are the seed's recipe
-    $G train --seed 1 --out-dir $R --device $DEVICE --checkpoint-minutes 1 \
-      --max-minutes "$(minutes)" --save $R/model.pt
+  if [ ! -f $R/last.pt ] && [ -f resume/seed_exact_seed1/last.pt ]; then
+    cp resume/seed_exact_seed1/last.pt $R/
   fi
+  local run="--seed 1 --out-dir $R"              # a new run: the defaults are the seed's recipe
+  [ -f $R/last.pt ] && run="--resume $R/last.pt"
+  $G train $run --device $DEVICE --checkpoint-minutes 1 --max-minutes "$(minutes)" \
+    --save $R/model.pt
   mark "seed exact, seed 1, stopped"
   [ -f $R/model.pt ] || return 0
   $G export --force $R/last.pt $R/glom_seed_exact_seed1.pt
