@@ -648,7 +648,7 @@ def lineage_log(checkpoint: str | Path) -> list[dict[str, Any]]:
             break
         training = training_state_of(obj, parent)
         chain.append(training)
-    rows = [{"stage": 1, **row} for row in shipped]
+    rows = [{**row, "stage": int(row.get("stage", 1))} for row in shipped]
     iteration = max((r["iteration"] for r in rows), default=0.0)
     wall = max((r["wall"] for r in rows), default=0.0)
     first = int(max((r["stage"] for r in rows), default=0)) + 1

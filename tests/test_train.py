@@ -265,6 +265,7 @@ def test_lineage_log_chains_a_fine_tuned_run_after_its_parent(tmp_path):
     rows = lineage_log(tmp_path / "third" / "last.pt")
     assert [r["iteration"] for r in rows] == list(range(1, 13))
     assert [r["stage"] for r in rows] == [1] * 6 + [2] * 4 + [3] * 2
+    assert all(type(r["stage"]) is int for r in rows)   # "1", not "1.0", in the CSV it writes
     assert rows[-1]["loss_kind"] == "mse" and rows[-3]["loss_kind"] == "cross_entropy"
     with pytest.raises(ValueError, match="no training state"):
         second.save(tmp_path / "model.pt", training=False)
