@@ -429,7 +429,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pair: two digits side by side on 28 x 56; random: 2 or 3 digits "
                              "at random places on 56 x 56")
     parser.add_argument("--scenes", type=int, required=True, metavar="N",
-                        help="how many scenes, composed from the test digits")
+                        help="how many scenes, composed from the test digits (or --val's)")
+    parser.add_argument("--val", type=int, default=0, metavar="N",
+                        help="compose the scenes from the validation split, the last N training "
+                             "digits (as `train --scenes --val N` does for its curve), to make "
+                             "choices on; default: the test digits, for final numbers only")
     parser.add_argument("--tau", type=float, nargs="+", default=[0.9],
                         help="cosine thresholds of the islands (default 0.9)")
     parser.add_argument("--seed", type=int, default=0,
@@ -454,6 +458,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name in ("scenes", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.val < 0:
+        raise ValueError(f"--val must be >= 0 (0: the test digits), got {args.val}")
     bad = [t for t in args.tau if not (math.isfinite(t) and -1 <= t <= 1)]
     if bad:
         raise ValueError(f"--tau values are cosine thresholds between -1 and 1, got {bad}")
@@ -526,12 +532,23 @@ def run(args: argparse.Namespace) -> int:
     H, W = KINDS[args.kind]
     model = load_checkpoint(path, device=args.device or default_device(), height=H, width=W)
     prepare(args.dataset, args.root)
-    scenes = test_scenes(args.kind, args.scenes, args.seed, root=args.root, name=args.dataset)
+    if args.val:
+        images, labels = load_split(args.dataset, args.root, train=True)
+        if args.val >= len(images):
+            raise ValueError(f"--val {args.val} leaves no training images (there are "
+                             f"{len(images)})")
+        scenes = scene_batch(images[-args.val:], labels[-args.val:], args.scenes,
+                             torch.Generator().manual_seed(args.seed), args.kind,
+                             name=args.dataset)
+    else:
+        scenes = test_scenes(args.kind, args.scenes, args.seed, root=args.root, name=args.dataset)
     metrics = evaluate_scenes(model, scenes, tau=args.tau, batch_size=args.batch_size,
                               seed=args.seed, progress=True)
     metrics = {"command": command_line(args), "checkpoint": str(path), "checkpoint_name": path.name,
                "checkpoint_sha256": file_sha256(path), "kind": args.kind, "seed": args.seed,
-               "dataset": args.dataset, "split": "test", "data_md5": verify(args.dataset, args.root),
+               "dataset": args.dataset,
+               "split": f"validation (the last {args.val} training images)" if args.val else "test",
+               "data_md5": verify(args.dataset, args.root),
                "device": str(next(model.parameters()).device), **metrics}
     print(format_table(metrics))
     if args.json:

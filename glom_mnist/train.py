@@ -89,6 +89,8 @@ class TrainConfig:
     warmup: int = 0                   # iterations of linear learning-rate warm-up
     shift: int = 0                    # augmentation: shift each image by up to this many pixels
     label_smoothing: float = 0.0      # patch presets' cross-entropy
+    island_weight: float = 0.0        # patch presets: weight of the islands in the loss
+                                      # (patch_glom.island_loss; 0: cross-entropy alone)
     scenes: str | None = None         # train on fresh scenes of several digits of this kind
                                       # (scenes.KINDS: "pair", "random"), every column against
                                       # its object's class; None: single digits
@@ -124,6 +126,12 @@ class TrainConfig:
         for name in ("val", "warmup", "shift"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.island_weight >= 0:
+            raise ValueError(f"island_weight must be >= 0 (0: cross-entropy alone), "
+                             f"got {self.island_weight}")
+        if self.island_weight and self.preset not in PATCH_PRESETS:
+            raise ValueError(f"--island-weight adds the islands to the patch presets' loss: use "
+                             f"--preset {' or '.join(sorted(PATCH_PRESETS))}, not {self.preset}")
         if self.scenes is not None:
             self._check_scenes()
         self.model_config()                                   # the model's settings, checked
@@ -424,7 +432,8 @@ class Trainer:
         network.train()
         if isinstance(self.model, PatchGlom):     # its own loss, over the last steps' columns
             states = network(x, return_all=True)
-            loss, correct = self.model.states_loss(states, y, cfg.label_smoothing)
+            loss, correct = self.model.states_loss(states, y, cfg.label_smoothing,
+                                                   cfg.island_weight)
             return loss, correct, None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and self.device.type == "cuda"):
             levels = network(x)
@@ -726,7 +735,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "eval_every": int, "eval_images": int, "checkpoint_every": int,
                     "val": int, "warmup": int, "shift": int, "lr": float,
                     "checkpoint_minutes": float, "max_minutes": float, "hard_weight": float,
-                    "weight_decay": float, "label_smoothing": float}.get(f.name, str)
+                    "weight_decay": float, "label_smoothing": float,
+                    "island_weight": float}.get(f.name, str)
             parser.add_argument(flag, type=kind, default=None, help=f"(default {default})")
     parser.add_argument("--resume", default=None,
                         help="a runs/*/last.pt to continue from, with that run's own settings "

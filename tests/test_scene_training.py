@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from glom_mnist.checkpoint import read_checkpoint
+from glom_mnist import load_checkpoint
 from glom_mnist.cli import build_parser
+from glom_mnist.data import load_split
+from glom_mnist.scenes import evaluate_scenes, scene_batch
 from glom_mnist.train import TrainConfig, Trainer
 from test_reliability import cli, one_error_line
 from test_scenes import toy_digits
@@ -103,6 +106,59 @@ def test_what_scene_training_cannot_do_is_refused_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "seed" / "last.pt").exists()
 
 
+# ---- the islands in the objective (--island-weight) -------------------------------------------
+
+def two_objects(top_same: bool, lower_same: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """States `(S=2, B=1, L=3, D=4, 2, 4)` of a scene whose left two columns are one object
+    (class 0) and right two another (class 3): at the top level the same vector everywhere or
+    one per object, at level 1 likewise; level 0 (the input) the same everywhere."""
+    states = torch.zeros(2, 1, 3, 4, 2, 4)
+    states[:, :, 0, 2] = 1
+    for level, same in ((1, lower_same), (2, top_same)):
+        states[:, :, level, 0, :, :2] = 1
+        states[:, :, level, 0 if same else 1, :, 2:] = 1
+    targets = torch.zeros(1, 2, 4, dtype=torch.long)
+    targets[:, :, 2:] = 3
+    return states, targets
+
+
+def test_island_loss_is_zero_for_one_island_per_object_and_penalises_what_crosses():
+    from glom_mnist.patch_glom import ISLAND_MARGIN, island_loss
+    assert island_loss(*two_objects(top_same=False, lower_same=False)) == 0
+    # one top-level island over both objects: the 4 pairs across the border, all at cosine 1
+    assert island_loss(*two_objects(top_same=True, lower_same=False)) == pytest.approx(
+        (1 - ISLAND_MARGIN) / 2)                               # of the 4 (levels 1, 2) x 2 rows
+    # a level-1 island crossing the border is a part in two wholes
+    assert island_loss(*two_objects(top_same=False, lower_same=True)) == pytest.approx(
+        (1 - ISLAND_MARGIN) / 2)
+    # inside one object, lower levels may differ (parts); the top level must agree
+    states, targets = two_objects(top_same=False, lower_same=False)
+    states[:, :, 1, :, :, 1] = torch.tensor([0.0, 0.0, 0.0, 1.0])[:, None]
+    assert island_loss(states, targets) == 0
+    states[:, :, 2, :, :, 1] = torch.tensor([0.0, 0.0, 0.0, 1.0])[:, None]  # top: orthogonal
+    assert island_loss(states, targets) > 0
+    single = torch.zeros_like(targets)                         # one object: agreement only
+    assert island_loss(*two_objects(top_same=True, lower_same=True)[:1], single) == 0
+
+
+def test_island_weight_adds_the_islands_to_the_loss_and_is_refused_where_it_cannot_apply(tmp_path):
+    plain = Trainer(scene_cfg(tmp_path, "a"), *toy_split())
+    islands = Trainer(scene_cfg(tmp_path, "b", island_weight=1.0), *toy_split())
+    torch.manual_seed(0)
+    loss, *_ = plain.batch_loss(plain.model, torch.arange(4))
+    torch.manual_seed(0)
+    more, *_ = islands.batch_loss(islands.model, torch.arange(4))
+    assert more.item() > loss.item()                           # the same model, batch and rollout
+    islands.fit(progress=False)
+    assert read_checkpoint(tmp_path / "b" / "last.pt")["provenance"]["train_config"][
+        "island_weight"] == 1.0
+    for changes, says in ((dict(island_weight=-1.0), "island_weight must be >= 0"),
+                          (dict(island_weight=1.0, scenes=None, preset="seed", model_overrides={}),
+                           "--island-weight adds the islands")):
+        with pytest.raises(ValueError, match=says):
+            scene_cfg(tmp_path, "x", **changes)
+
+
 # ---- the commands end to end on MNIST ---------------------------------------------------------
 
 @needs_mnist
@@ -158,3 +214,20 @@ def test_train_on_scenes_then_measure_the_checkpoint_on_test_scenes(tmp_path, ca
     code, _, err = cli(capsys, *args[:-2], "--figure", tmp_path / "scenes.jpg")
     assert "must be a .png file" in one_error_line(code, err)
     assert not (tmp_path / "scenes.jpg").exists()
+
+    # choices are made on scenes of the validation digits, the last --val training images: the
+    # curve's own scenes for the same seed, none of them a test digit
+    val_json = tmp_path / "val.json"
+    code, out, err = cli(capsys, *args[:-1], val_json, "--val", "100")
+    assert code == 0, err
+    validation = json.loads(val_json.read_text())
+    assert validation["split"] == "validation (the last 100 training images)"
+    assert found["split"] == "test" and validation["scenes"] == 6
+    images, labels = load_split("mnist", DATA, train=True)
+    expected = scene_batch(images[-100:], labels[-100:], 6, torch.Generator().manual_seed(0),
+                           "pair")
+    model = load_checkpoint(checkpoint, device="cpu", height=28, width=56)
+    assert validation["object_accuracy"] == evaluate_scenes(model, expected)["object_accuracy"]
+    for bad, says in (("-1", "--val must be >= 0"), ("60000", "leaves no training images")):
+        code, _, err = cli(capsys, *args[:-1], tmp_path / "bad.json", "--val", bad)
+        assert says in one_error_line(code, err)
