@@ -10,6 +10,7 @@ CHECKPOINT ?= best_models/glom_seed_hard.pt
 CONSENSUS := best_models/glom_consensus.pt
 SMALL := best_models/glom_small.pt
 BEST := best_models/glom_best.pt
+SCENES := best_models/glom_scenes.pt
 # `make notebook` as root (a container): Jupyter refuses root without --allow-root, and there
 # is no browser to open; listen on all addresses so that a published port reaches it
 NOTEBOOK_ARGS ?= $(shell [ "$$(id -u)" = 0 ] && echo --allow-root --no-browser --ip=0.0.0.0)
@@ -63,13 +64,18 @@ figures: data              ## redraw imgs/ and its folders consensus/, small/, b
 	@if [ -f $(BEST) ]; then \
 	  $(PY) -m glom_mnist figures --root $(DATA) --checkpoint $(BEST) --out imgs/best; \
 	fi
-	@# scenes of two test digits side by side, parsed by models never trained on scenes
+	@# scenes of two test digits side by side, parsed by models never trained on scenes ...
 	mkdir -p imgs/scenes
 	$(PY) -m glom_mnist scenes --root $(DATA) --checkpoint $(CHECKPOINT) --kind pair --scenes 8 \
 	  --figure imgs/scenes/seed_hard_pairs.png --force
 	@if [ -f $(BEST) ]; then \
 	  $(PY) -m glom_mnist scenes --root $(DATA) --checkpoint $(BEST) --kind pair --scenes 8 \
 	    --figure imgs/scenes/best_pairs.png --force; \
+	fi
+	@# and by the model trained on pairs, its islands in the objective
+	@if [ -f $(SCENES) ]; then \
+	  $(PY) -m glom_mnist scenes --root $(DATA) --checkpoint $(SCENES) --kind pair --scenes 8 \
+	    --figure imgs/scenes/scenes_pairs.png --force; \
 	fi
 
 test: data                 ## the whole test suite, notebooks (smoke mode) included

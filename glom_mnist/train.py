@@ -328,7 +328,9 @@ class Trainer:
 
         The two configs may differ in fields that own no weights (attention, clamp_input,
         dropout, steps, ...): fine-tuning the seed architecture with the consensus attention
-        switched on is one such run. A change that alters the weights' shapes is refused.
+        switched on is one such run. They may also differ in an ingredient this run switches off
+        (e.g. `--set positional=false`): its weights are left out. A change that alters the
+        weights' shapes, or adds weights the checkpoint lacks, is refused.
         """
         source = model_from_checkpoint(read_checkpoint(path), path)
         model = build_model(self.cfg.model_config())
@@ -337,14 +339,16 @@ class Trainer:
                            for k in want if want[k] != have[k])
         theirs = {k: tuple(v.shape) for k, v in source.state_dict().items()}
         ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        if theirs != ours:
+        if any(theirs.get(k) != shape for k, shape in ours.items()):
             raise ValueError(f"--init {path}: its weights do not fit this run's model, whose "
                              f"config differs in {differ}; pass the checkpoint's --preset and "
                              "--set values for those fields")
+        dropped = sorted(set(theirs) - set(ours))
         if differ:
             print(f"--init {path}: weights used as they are; this run's config differs in "
-                  f"{differ}", file=sys.stderr)
-        model.load_state_dict(source.state_dict())
+                  f"{differ}" + (f", so these are left out: {', '.join(dropped)}"
+                                 if dropped else ""), file=sys.stderr)
+        model.load_state_dict({k: v for k, v in source.state_dict().items() if k in ours})
         return model
 
     def _resume(self, path: str | Path) -> None:

@@ -6,7 +6,7 @@
 #     with 5 draws), to tell whether best_models/glom_seed_exact.pt's seed 0 was unlucky;
 #   - Fashion-MNIST: a wider `patch` model (96 dimensions a level, 390,826 parameters) from
 #     scratch, or continued from resume/fashion_wide, since glom_fashion.pt (64) underfits;
-#   - scenes: the 16-step stage of the pair and random-scene models of resume/scenes.
+#   - scenes: the 16-step stage of the random-scene model of resume/scenes.
 #
 #   OUT=runs/gpu BUDGET_S=480 bash scripts/gpu_resume.sh
 #
@@ -72,12 +72,11 @@ scenes_16() {   # kind batch
 
 seed_exact_seed1 > "$OUT/logs/seed_exact_seed1.log" 2>&1 &
 fashion_wide > "$OUT/logs/fashion.log" 2>&1 &
-scenes_16 pair 128 > "$OUT/logs/scenes_pair.log" 2>&1 &
 scenes_16 random 64 > "$OUT/logs/scenes_random.log" 2>&1 &
 wait
 mark "all stopped"
 tar cf "$OUT/seed_exact_seed1.tar" runs/seed_exact_seed1
 tar cf "$OUT/fashion.tar" runs/fashion_wide
-tar cf "$OUT/scenes.tar" runs/scenes_pair/s16 runs/scenes_random/s16 runs/scenes_*/s16.* 2>/dev/null
+tar cf "$OUT/scenes.tar" runs/scenes_random/s16 runs/scenes_random/s16.pt 2>/dev/null
 for f in "$OUT"/logs/*.log; do tail -c 4000 "$f" > "${f%.log}_tail.txt"; done
 ls -la "$OUT"

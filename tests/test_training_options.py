@@ -87,6 +87,25 @@ def test_a_patch_preset_trains_and_resumes_exactly(tmp_path):
     assert "majority_vote_accuracy" in straight.log[-1]
 
 
+def test_init_may_switch_off_an_ingredient_leaving_its_weights_out(tmp_path, capsys):
+    """A trained patch model fine-tuned without its positional signal (`--set positional=false`);
+    switching one on, which would need weights the checkpoint lacks, is refused."""
+    first = Trainer(patch_cfg(tmp_path, "a", iterations=2), *synthetic())
+    first.save(tmp_path / "a.pt", training=False)
+    plain = Trainer(patch_cfg(tmp_path, "b", init=str(tmp_path / "a.pt"),
+                              model_overrides={**PATCH_TINY, "positional": False}), *synthetic())
+    assert plain.model.where is None
+    note = capsys.readouterr().err
+    assert "positional (run False, checkpoint True), so these are left out: where" in note
+    theirs = first.model.state_dict()
+    assert set(theirs) - set(plain.model.state_dict()) == {"where"}
+    for k, v in plain.model.state_dict().items():
+        assert torch.equal(v, theirs[k]), k
+    plain.save(tmp_path / "b.pt", training=False)
+    with pytest.raises(ValueError, match=r"do not fit.*positional \(run True, checkpoint False\)"):
+        Trainer(patch_cfg(tmp_path, "c", init=str(tmp_path / "b.pt")), *synthetic())
+
+
 def test_evaluating_with_dropout_as_the_seeds_test_loop(monkeypatch):
     torch.manual_seed(0)
     model = Glom(GlomConfig.preset("seed", height=6, width=6, steps=3, noise=0.5)).eval()
