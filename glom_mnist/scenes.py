@@ -143,11 +143,16 @@ def scene_batch(images: torch.Tensor, labels: torch.Tensor, n: int, generator: t
 
 
 def test_scenes(kind: str, n: int, seed: int = 0, *, root: str | Path = "data",
-                name: str = "mnist", train: bool = False, **options: Any) -> Scenes:
+                name: str = "mnist", train: bool = False, val: int = 0,
+                **options: Any) -> Scenes:
     """A fixed set of `n` scenes of `kind` from the test split (the training split with
-    `train=True`, e.g. for a validation set of scenes), the same for the same seed and options
-    (those of `scene_batch`)."""
-    images, labels = load_split(name, root, train=train)
+    `train=True`; with `val=N` its last N images, the validation split), the same for the same
+    seed and options (those of `scene_batch`)."""
+    images, labels = load_split(name, root, train=train or bool(val))
+    if val:
+        if val >= len(images):
+            raise ValueError(f"--val {val} leaves no training images (there are {len(images)})")
+        images, labels = images[-val:], labels[-val:]
     generator = torch.Generator().manual_seed(seed)
     return scene_batch(images, labels, n, generator, kind, name=name, **options)
 
@@ -532,16 +537,8 @@ def run(args: argparse.Namespace) -> int:
     H, W = KINDS[args.kind]
     model = load_checkpoint(path, device=args.device or default_device(), height=H, width=W)
     prepare(args.dataset, args.root)
-    if args.val:
-        images, labels = load_split(args.dataset, args.root, train=True)
-        if args.val >= len(images):
-            raise ValueError(f"--val {args.val} leaves no training images (there are "
-                             f"{len(images)})")
-        scenes = scene_batch(images[-args.val:], labels[-args.val:], args.scenes,
-                             torch.Generator().manual_seed(args.seed), args.kind,
-                             name=args.dataset)
-    else:
-        scenes = test_scenes(args.kind, args.scenes, args.seed, root=args.root, name=args.dataset)
+    scenes = test_scenes(args.kind, args.scenes, args.seed, root=args.root, name=args.dataset,
+                         val=args.val)
     metrics = evaluate_scenes(model, scenes, tau=args.tau, batch_size=args.batch_size,
                               seed=args.seed, progress=True)
     metrics = {"command": command_line(args), "checkpoint": str(path), "checkpoint_name": path.name,

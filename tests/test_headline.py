@@ -16,11 +16,12 @@ rollout up to rounding, and both must reproduce the record exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -49,19 +50,26 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """On two busy cores, two threads spend most of their time waiting: measure on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def measure(checkpoint: Path, images: int = IMAGES, seed: int = SEED) -> dict[str, Any]:
     """Counts of `checkpoint` on the first `images` MNIST test images, on the CPU."""
     prepare("mnist", ROOT / "data")
     model = load_checkpoint(checkpoint, device="cpu")
     raw, labels = load_split("mnist", ROOT / "data", train=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)     # on two busy cores, two threads spend most of their time waiting
-    try:
+    with one_thread():
         torch.manual_seed(seed)
         metrics = evaluate_model(model, normalise(raw[:images], "mnist"), labels[:images],
                                  batch_size=images, progress=False)
-    finally:
-        torch.set_num_threads(threads)
     patch = getattr(model.cfg, "patch", 1)                  # a column per pixel, or per patch
     columns = images * (model.cfg.height // patch) * (model.cfg.width // patch)
     confusion = metrics["confusion_matrix"]                   # rows: label, columns: vote
@@ -86,12 +94,8 @@ def measure_scenes(checkpoint: Path, pairs: int = PAIRS, seed: int = SEED) -> di
     prepare("mnist", ROOT / "data")
     model = load_checkpoint(checkpoint, device="cpu", height=28, width=56)
     scenes = test_scenes("pair", pairs, seed, root=ROOT / "data")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         found = evaluate_scenes(model, scenes, tau=0.9, batch_size=pairs, seed=seed)
-    finally:
-        torch.set_num_threads(threads)
     columns = pairs * (28 // model.patch) * (56 // model.patch)
     at = found["islands"][0.9]
     return {
