@@ -494,8 +494,9 @@ def format_table(metrics: dict[str, Any]) -> str:
         return f"{'n/a':>8s}" if v is None or math.isnan(v) else f"{v:8.3f}"
 
     everyone = "both digits" if metrics["kind"] == "pair" else "every digit"
+    digits = "test digits" if metrics.get("split", "test") == "test" else "validation digits"
     lines = [f"scenes                     {metrics['scenes']} {metrics['kind']} "
-             f"({' x '.join(map(str, metrics['canvas']))}), test digits, seed {metrics['seed']}",
+             f"({' x '.join(map(str, metrics['canvas']))}), {digits}, seed {metrics['seed']}",
              f"object accuracy            {metrics['object_accuracy']:.4f}",
              f"all objects right          {metrics['all_objects_right']:.4f}  ({everyone} right)",
              f"column accuracy            {metrics['column_accuracy']:.4f}  "
@@ -556,7 +557,7 @@ def run(args: argparse.Namespace) -> int:
         import matplotlib.pyplot as plt   # only when drawing: measuring needs no plotting library
 
         fig = scene_figure(model, scenes, args.tau[0], seed=args.seed,
-                           title=f"{path.name} on {args.kind} test scenes: islands "
+                           title=f"{path.name} on {args.kind} {'validation' if args.val else 'test'} scenes: islands "
                                  f"(cosine >= {args.tau[0]}) outlined, and the votes")
         atomic_write(args.figure, lambda f: fig.savefig(f, format="png", dpi=110))
         plt.close(fig)

@@ -220,6 +220,7 @@ def test_train_on_scenes_then_measure_the_checkpoint_on_test_scenes(tmp_path, ca
     val_json = tmp_path / "val.json"
     code, out, err = cli(capsys, *args[:-1], val_json, "--val", "100")
     assert code == 0, err
+    assert "validation digits" in out and "test digits" not in out   # the table says which digits
     validation = json.loads(val_json.read_text())
     assert validation["split"] == "validation (the last 100 training images)"
     assert found["split"] == "test" and validation["scenes"] == 6
