@@ -72,15 +72,18 @@ def positions(h: int, w: int, patch: int, freqs: int, device: torch.device) -> t
 ISLAND_MARGIN = 0.5   # island_loss: neighbours in different objects are pushed below this cosine
 
 
-def island_loss(states: torch.Tensor, targets: torch.Tensor,
-                margin: float = ISLAND_MARGIN) -> torch.Tensor:
+def island_loss(states: torch.Tensor, targets: torch.Tensor, margin: float = ISLAND_MARGIN,
+                apart_everywhere: bool = False) -> torch.Tensor:
     """The islands in the objective: of every pair of 4-neighbour columns (no wrap-around), in
     states `(S, B, L, D, h, w)`, those in one object (the same target in `targets` `(B, h, w)`:
     the objects of a scene are of different classes) should agree at the top level, the whole
     (1 - cosine), and those in different objects should disagree at every level above the
     input, since a part belongs to one whole (cosine above `margin`, penalised linearly).
     Islands are the components that cosine >= tau joins, so this asks for one island per object
-    whose parts stay inside it. The mean of the two terms, each over its pairs (0 without any)."""
+    whose parts stay inside it. The mean of the two terms, each over its pairs (0 without any).
+    With `apart_everywhere` a third term, the same penalty at the top level over every pair of
+    columns in different objects wherever they are: two wholes differ even where blank columns
+    lie between them."""
     unit = F.normalize(states[:, :, 1:], dim=3)                            # (S, B, L-1, D, h, w)
     agree_sum, agree_n, apart_sum, apart_n = 0.0, 0, 0.0, 0
     for axis in (-1, -2):                                                  # right, then down
@@ -93,7 +96,14 @@ def island_loss(states: torch.Tensor, targets: torch.Tensor,
         apart = ~same[:, None].expand_as(cos[0])                           # (B, L-1, h', w')
         apart_sum = apart_sum + F.relu(cos - margin)[apart.expand_as(cos)].sum()
         apart_n += int(apart.sum()) * cos.shape[0]
-    return agree_sum / max(agree_n, 1) + apart_sum / max(apart_n, 1)
+    loss = agree_sum / max(agree_n, 1) + apart_sum / max(apart_n, 1)
+    if apart_everywhere:
+        top = unit[:, :, -1].flatten(-2)                                   # (S, B, D, n)
+        cos = top.transpose(2, 3) @ top                                    # (S, B, n, n)
+        objects = targets.flatten(1)
+        apart = (objects[:, :, None] != objects[:, None, :]).expand_as(cos)
+        loss = loss + F.relu(cos - margin)[apart].sum() / max(int(apart.sum()), 1)
+    return loss
 
 
 class PatchGlom(nn.Module):
@@ -223,18 +233,20 @@ class PatchGlom(nn.Module):
         return self.majority(self.votes(self(images, steps=steps)))
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
-             island_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+             island_weight: float = 0.0,
+             apart_everywhere: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The training loss of `images` (see states_loss) and whether each is voted right."""
         return self.states_loss(self(images, return_all=True), targets, label_smoothing,
-                                island_weight)
+                                island_weight, apart_everywhere)
 
     def states_loss(self, states: torch.Tensor, targets: torch.Tensor,
                     label_smoothing: float = 0.0,
-                    island_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    island_weight: float = 0.0,
+                    apart_everywhere: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of every column's scores against its target, averaged over the columns
         and the last `cfg.loss_steps` of the rollout's states `(T+1, B, L, D, h, w)`, plus
-        `island_weight` times `island_loss` over the same states; and whether each image's final
-        votes are right `(B,)`.
+        `island_weight` times `island_loss` over the same states (`apart_everywhere`: see
+        there); and whether each image's final votes are right `(B,)`.
 
         targets: each image's label `(B,)`, the target of all its columns; or each column's own
         class `(B, h, w)`, e.g. the class of its object in a scene of several digits
@@ -254,7 +266,8 @@ class PatchGlom(nn.Module):
                                targets.expand(S, B, h, w).reshape(-1),
                                label_smoothing=label_smoothing)
         if island_weight:
-            loss = loss + island_weight * island_loss(states[-self.cfg.loss_steps:], targets)
+            loss = loss + island_weight * island_loss(states[-self.cfg.loss_steps:], targets,
+                                                      apart_everywhere=apart_everywhere)
         with torch.no_grad():
             present = F.one_hot(targets.flatten(1), C).any(1)               # (B, C) classes there
             classes = torch.where(present, torch.arange(C, device=present.device), -1)

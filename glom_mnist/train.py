@@ -91,6 +91,8 @@ class TrainConfig:
     label_smoothing: float = 0.0      # patch presets' cross-entropy
     island_weight: float = 0.0        # patch presets: weight of the islands in the loss
                                       # (patch_glom.island_loss; 0: cross-entropy alone)
+    island_apart_everywhere: bool = False  # the island loss also pushes apart the top levels of
+                                      # columns in different objects that are not neighbours
     scenes: str | None = None         # train on fresh scenes of several digits of this kind
                                       # (scenes.KINDS: "pair", "random"), every column against
                                       # its object's class; None: single digits
@@ -132,6 +134,9 @@ class TrainConfig:
         if self.island_weight and self.preset not in PATCH_PRESETS:
             raise ValueError(f"--island-weight adds the islands to the patch presets' loss: use "
                              f"--preset {' or '.join(sorted(PATCH_PRESETS))}, not {self.preset}")
+        if self.island_apart_everywhere and not self.island_weight:
+            raise ValueError("--island-apart-everywhere is a term of the islands' loss: give "
+                             "--island-weight too")
         if self.scenes is not None:
             self._check_scenes()
         self.model_config()                                   # the model's settings, checked
@@ -437,7 +442,7 @@ class Trainer:
         if isinstance(self.model, PatchGlom):     # its own loss, over the last steps' columns
             states = network(x, return_all=True)
             loss, correct = self.model.states_loss(states, y, cfg.label_smoothing,
-                                                   cfg.island_weight)
+                                                   cfg.island_weight, cfg.island_apart_everywhere)
             return loss, correct, None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and self.device.type == "cuda"):
             levels = network(x)

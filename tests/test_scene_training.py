@@ -141,6 +141,20 @@ def test_island_loss_is_zero_for_one_island_per_object_and_penalises_what_crosse
     assert island_loss(*two_objects(top_same=True, lower_same=True)[:1], single) == 0
 
 
+def test_island_loss_apart_everywhere_also_separates_objects_that_do_not_touch():
+    from glom_mnist.patch_glom import ISLAND_MARGIN, island_loss
+    states, targets = two_objects(top_same=False, lower_same=False)
+    assert island_loss(states, targets, apart_everywhere=True) == 0
+    # the right object's last column takes the left object's top-level vector: no neighbour
+    # across the border agrees, but 8 of the 16 pairs of columns in different objects do
+    states[:, :, 2, :, :, 3] = states[:, :, 2, :, :, 0]
+    assert island_loss(states, targets, apart_everywhere=True) - island_loss(
+        states, targets) == pytest.approx((1 - ISLAND_MARGIN) * 8 / 16)
+    states, targets = two_objects(top_same=True, lower_same=False)   # one island over both
+    assert island_loss(states, targets, apart_everywhere=True) == pytest.approx(
+        (1 - ISLAND_MARGIN) / 2 + (1 - ISLAND_MARGIN))
+
+
 def test_island_weight_adds_the_islands_to_the_loss_and_is_refused_where_it_cannot_apply(tmp_path):
     plain = Trainer(scene_cfg(tmp_path, "a"), *toy_split())
     islands = Trainer(scene_cfg(tmp_path, "b", island_weight=1.0), *toy_split())
@@ -149,12 +163,18 @@ def test_island_weight_adds_the_islands_to_the_loss_and_is_refused_where_it_cann
     torch.manual_seed(0)
     more, *_ = islands.batch_loss(islands.model, torch.arange(4))
     assert more.item() > loss.item()                           # the same model, batch and rollout
+    everywhere = Trainer(scene_cfg(tmp_path, "c", island_weight=1.0,
+                                   island_apart_everywhere=True), *toy_split())
+    torch.manual_seed(0)
+    most, *_ = everywhere.batch_loss(everywhere.model, torch.arange(4))
+    assert most.item() > more.item()           # the untrained top level is alike everywhere
     islands.fit(progress=False)
     assert read_checkpoint(tmp_path / "b" / "last.pt")["provenance"]["train_config"][
         "island_weight"] == 1.0
     for changes, says in ((dict(island_weight=-1.0), "island_weight must be >= 0"),
                           (dict(island_weight=1.0, scenes=None, preset="seed", model_overrides={}),
-                           "--island-weight adds the islands")):
+                           "--island-weight adds the islands"),
+                          (dict(island_apart_everywhere=True), "give --island-weight too")):
         with pytest.raises(ValueError, match=says):
             scene_cfg(tmp_path, "x", **changes)
 
