@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
 # One GPU lease, time-boxed: every run waiting in resume/ continued at once, side by side on the
 # one GPU, each stopping resumably when the time is up (resume/README.md describes the runs):
-#   - the seed's exact recipe with seed 1 (started, or continued from resume/seed_exact_seed1 if
-#     a run is there) to its 6,000 iterations, then exported and evaluated (dropout off, and on
-#     with 5 draws), to tell whether best_models/glom_seed_exact.pt's seed 0 was unlucky;
 #   - Fashion-MNIST: a wider `patch` model (96 dimensions a level, 390,826 parameters) from
 #     scratch, or continued from resume/fashion_wide, since glom_fashion.pt (64) underfits;
-#   - scenes: the 16-step stage of the random-scene model of resume/scenes.
+#   - random scenes: the random-scene model with every two objects' top levels pushed apart,
+#     continued from resume/scenes/random_everywhere to its 600 iterations.
 #
 #   OUT=runs/gpu BUDGET_S=480 bash scripts/gpu_resume.sh
 #
@@ -25,26 +23,6 @@ G="$PY -m glom_mnist"
 minutes() { $PY -c "import time; print(round(max(0.1, ($TRAIN_END - time.time()) / 60), 2))"; }
 mark() { echo "$1 at $(( $(date +%s) - START )) s" >> "$OUT/logs/timeline.txt"; }
 
-seed_exact_seed1() {
-  local R=runs/seed_exact_seed1
-  mkdir -p $R
-  if [ ! -f $R/last.pt ] && [ -f resume/seed_exact_seed1/last.pt ]; then
-    cp resume/seed_exact_seed1/last.pt $R/
-  fi
-  local run="--seed 1 --out-dir $R"              # a new run: the defaults are the seed's recipe
-  [ -f $R/last.pt ] && run="--resume $R/last.pt"
-  $G train $run --device $DEVICE --checkpoint-minutes 1 --max-minutes "$(minutes)" \
-    --save $R/model.pt
-  mark "seed exact, seed 1, stopped"
-  [ -f $R/model.pt ] || return 0
-  $G export --force $R/last.pt $R/glom_seed_exact_seed1.pt
-  $G evaluate --checkpoint $R/glom_seed_exact_seed1.pt --device $DEVICE --batch-size 500 \
-    --json $R/eval.json
-  $G evaluate --checkpoint $R/glom_seed_exact_seed1.pt --device $DEVICE --batch-size 500 \
-    --dropout --repeats 5 --json $R/eval_dropout.json
-  mark "seed exact, seed 1, evaluated"
-}
-
 fashion_wide() {
   local R=runs/fashion_wide
   mkdir -p $R
@@ -60,23 +38,23 @@ fashion_wide() {
   mark "fashion stopped"
 }
 
-scenes_16() {   # kind batch
-  local R=runs/scenes_$1/s16
-  $G train --preset patch --scenes "$1" --set steps=16 --set loss_steps=8 \
-    --init "resume/scenes/$1_s8.pt" --val 5000 --eval-images 500 --eval-every 200 \
-    --batch-size "$2" --lr 1e-3 --optimizer adamw --weight-decay 0.05 --warmup 50 \
-    --schedule cosine --iterations 800 --loss cross_entropy --device $DEVICE \
-    --checkpoint-minutes 1 --out-dir $R --save $R.pt --max-minutes "$(minutes)"
-  mark "scenes $1 stopped"
+random_everywhere() {
+  local R=runs/random_everywhere
+  mkdir -p $R
+  if [ ! -f $R/last.pt ]; then cp resume/scenes/random_everywhere/last.pt $R/; fi
+  $G train --resume $R/last.pt --device $DEVICE --checkpoint-minutes 1 \
+    --max-minutes "$(minutes)" --save $R/model.pt
+  mark "random scenes stopped"
+  $G scenes --checkpoint $R/last.pt --device $DEVICE --kind random --scenes 500 --val 5000 \
+    --json $R/val_random.json --force
+  mark "random scenes measured on validation scenes"
 }
 
-seed_exact_seed1 > "$OUT/logs/seed_exact_seed1.log" 2>&1 &
 fashion_wide > "$OUT/logs/fashion.log" 2>&1 &
-scenes_16 random 64 > "$OUT/logs/scenes_random.log" 2>&1 &
+random_everywhere > "$OUT/logs/scenes_random.log" 2>&1 &
 wait
 mark "all stopped"
-tar cf "$OUT/seed_exact_seed1.tar" runs/seed_exact_seed1
 tar cf "$OUT/fashion.tar" runs/fashion_wide
-tar cf "$OUT/scenes.tar" runs/scenes_random/s16 runs/scenes_random/s16.pt 2>/dev/null
+tar cf "$OUT/scenes.tar" runs/random_everywhere
 for f in "$OUT"/logs/*.log; do tail -c 4000 "$f" > "${f%.log}_tail.txt"; done
 ls -la "$OUT"
