@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# One GPU lease, time-boxed: every run waiting in resume/ continued at once, side by side on the
-# one GPU, each stopping resumably when the time is up (resume/README.md describes the runs):
+# One GPU lease, time-boxed: the runs waiting for a GPU continued at once, side by side on the
+# one GPU, each stopping resumably when the time is up:
 #   - Fashion-MNIST: a wider `patch` model (96 dimensions a level, 390,826 parameters) from
 #     scratch, or continued from resume/fashion_wide, since glom_fashion.pt (64) underfits;
-#   - random scenes: the random-scene model with every two objects' top levels pushed apart,
-#     continued from resume/scenes/random_everywhere to its 600 iterations.
 #
 #   OUT=runs/gpu BUDGET_S=480 bash scripts/gpu_resume.sh
 #
@@ -38,23 +36,9 @@ fashion_wide() {
   mark "fashion stopped"
 }
 
-random_everywhere() {
-  local R=runs/random_everywhere
-  mkdir -p $R
-  if [ ! -f $R/last.pt ]; then cp resume/scenes/random_everywhere/last.pt $R/; fi
-  $G train --resume $R/last.pt --device $DEVICE --checkpoint-minutes 1 \
-    --max-minutes "$(minutes)" --save $R/model.pt
-  mark "random scenes stopped"
-  $G scenes --checkpoint $R/last.pt --device $DEVICE --kind random --scenes 500 --val 5000 \
-    --json $R/val_random.json --force
-  mark "random scenes measured on validation scenes"
-}
-
 fashion_wide > "$OUT/logs/fashion.log" 2>&1 &
-random_everywhere > "$OUT/logs/scenes_random.log" 2>&1 &
 wait
 mark "all stopped"
 tar cf "$OUT/fashion.tar" runs/fashion_wide
-tar cf "$OUT/scenes.tar" runs/random_everywhere
 for f in "$OUT"/logs/*.log; do tail -c 4000 "$f" > "${f%.log}_tail.txt"; done
 ls -la "$OUT"
