@@ -494,7 +494,7 @@ def format_table(metrics: dict[str, Any]) -> str:
         return f"{'n/a':>8s}" if v is None or math.isnan(v) else f"{v:8.3f}"
 
     everyone = "both digits" if metrics["kind"] == "pair" else "every digit"
-    digits = "test digits" if metrics.get("split", "test") == "test" else "validation digits"
+    digits = metrics.get("split", "test").split()[0] + " digits"   # "test" or "validation"
     lines = [f"scenes                     {metrics['scenes']} {metrics['kind']} "
              f"({' x '.join(map(str, metrics['canvas']))}), {digits}, seed {metrics['seed']}",
              f"object accuracy            {metrics['object_accuracy']:.4f}",
@@ -538,6 +538,7 @@ def run(args: argparse.Namespace) -> int:
     H, W = KINDS[args.kind]
     model = load_checkpoint(path, device=args.device or default_device(), height=H, width=W)
     prepare(args.dataset, args.root)
+    digits = "validation" if args.val else "test"      # which split the scenes' digits are from
     scenes = test_scenes(args.kind, args.scenes, args.seed, root=args.root, name=args.dataset,
                          val=args.val)
     metrics = evaluate_scenes(model, scenes, tau=args.tau, batch_size=args.batch_size,
@@ -545,7 +546,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = {"command": command_line(args), "checkpoint": str(path), "checkpoint_name": path.name,
                "checkpoint_sha256": file_sha256(path), "kind": args.kind, "seed": args.seed,
                "dataset": args.dataset,
-               "split": f"validation (the last {args.val} training images)" if args.val else "test",
+               "split": f"{digits} (the last {args.val} training images)" if args.val else digits,
                "data_md5": verify(args.dataset, args.root),
                "device": str(next(model.parameters()).device), **metrics}
     print(format_table(metrics))
@@ -557,7 +558,7 @@ def run(args: argparse.Namespace) -> int:
         import matplotlib.pyplot as plt   # only when drawing: measuring needs no plotting library
 
         fig = scene_figure(model, scenes, args.tau[0], seed=args.seed,
-                           title=f"{path.name} on {args.kind} {'validation' if args.val else 'test'} scenes: islands "
+                           title=f"{path.name} on {args.kind} {digits} scenes: islands "
                                  f"(cosine >= {args.tau[0]}) outlined, and the votes")
         atomic_write(args.figure, lambda f: fig.savefig(f, format="png", dpi=110))
         plt.close(fig)

@@ -126,11 +126,15 @@ def recorded(name: str) -> dict[str, Any]:
     return record
 
 
-def check(name: str, found: dict[str, Any], record: dict[str, Any]) -> None:
-    for key in ("majority_vote_right", "columns_right", "all_columns_agree", "confusion_matrix"):
+IMAGE_KEYS = ("majority_vote_right", "columns_right", "all_columns_agree", "confusion_matrix")
+
+
+def check(name: str, found: dict[str, Any], record: dict[str, Any],
+          keys: tuple[str, ...] = IMAGE_KEYS, on: str = f"{IMAGES} test images") -> None:
+    for key in keys:
         assert found[key] == record[key], (
-            f"{key}: {found[key]} now, {record[key]} recorded ({name}.pt, first "
-            f"{IMAGES} test images, seed {SEED}): the result moved")
+            f"{key}: {found[key]} now, {record[key]} recorded ({name}.pt, first {on}, "
+            f"seed {SEED}): the result moved")
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -139,11 +143,8 @@ def test_best_models_give_their_recorded_counts(name: str):
 
 
 def test_the_scene_model_gives_its_recorded_counts_on_test_pairs():
-    found, record = measure_scenes(checkpoint_of(SCENE_MODEL)), recorded(SCENE_MODEL)
-    for key in SCENE_KEYS:
-        assert found[key] == record[key], (
-            f"{key}: {found[key]} now, {record[key]} recorded ({SCENE_MODEL}.pt, first {PAIRS} "
-            f"test pairs, seed {SEED}): the result moved")
+    check(SCENE_MODEL, measure_scenes(checkpoint_of(SCENE_MODEL)), recorded(SCENE_MODEL),
+          SCENE_KEYS, f"{PAIRS} test pairs")
 
 
 @pytest.mark.slow
