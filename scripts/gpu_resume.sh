@@ -39,7 +39,6 @@ random_scenes() {
 }
 
 random_scenes > "$OUT/logs/scenes_random.log" 2>&1
-mark "all stopped"
 tar cf "$OUT/scenes.tar" runs/random_gpu
 for f in "$OUT"/logs/*.log; do tail -c 4000 "$f" > "${f%.log}_tail.txt"; done
 ls -la "$OUT"
