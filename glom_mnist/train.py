@@ -316,9 +316,13 @@ class Trainer:
         self.iteration, self.wall = 0, 0.0
         self.commit = git_commit()    # the code this process runs, not the tree at save time
         self.log: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] | None = []   # the --init model's, set below
         if resume:
             self._resume(resume)
         else:
+            # the history of the model this run starts from, kept in the run's checkpoint: that
+            # file may be replaced later, and this run's history must not change with it
+            self.history = parent_history(cfg.init) if cfg.init else []
             torch.manual_seed(cfg.seed)
             self.model = (self._initial_weights(cfg.init) if cfg.init
                           else build_model(cfg.model_config())).to(self.device)
@@ -385,12 +389,14 @@ class Trainer:
         if self.device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"])
         self.iteration, self.wall, self.log = state["iteration"], state["wall"], state["log"]
+        self.history = state.get("history")       # None: a run saved before histories were kept
 
     def training_state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
                 "iteration": self.iteration, "wall": self.wall, "log": self.log,
-                "train_config": dataclasses.asdict(self.cfg)}
+                "train_config": dataclasses.asdict(self.cfg),
+                **({"history": self.history} if self.history is not None else {})}
 
     def save(self, path: str | Path, metrics: dict[str, Any] | None = None,
              training: bool = True) -> None:
@@ -611,8 +617,10 @@ def training_state_of(obj: dict[str, Any], path: str | Path) -> dict[str, Any]:
             problem = f"has a {type(state[key]).__name__} for '{key}'"
     if problem is None and not isinstance(state.get("train_config", {}), dict):
         problem = "has a train_config that is not a dict"
+    history = state.get("history", []) if problem is None else []
     if problem is None and not (state["iteration"] >= 0 and math.isfinite(state["wall"])
-                                and all(isinstance(r, dict) for r in state["log"])):
+                                and isinstance(history, list)
+                                and all(isinstance(r, dict) for r in state["log"] + history)):
         problem = "has a negative iteration, a non-finite wall time or log rows that are not dicts"
     if problem:
         raise CheckpointError(f"{path}: its training state {problem}; it was not written by "
@@ -652,21 +660,28 @@ def read_log_csv(path: str | Path) -> list[dict[str, Any]]:
 
 def lineage_log(checkpoint: str | Path) -> list[dict[str, Any]]:
     """The whole training history of a training checkpoint (a run's last.pt): the log of the run
-    it was initialised from (`--init`, followed back as far as those checkpoints exist; for a
-    shipped model, the `.log.csv` beside it), then its own, with iterations and wall time
-    continuing across runs. Each row gets `stage` (1 for the
-    first run) and `loss_kind` (that run's loss)."""
-    training = training_state_of(read_checkpoint(checkpoint), checkpoint)
-    chain, shipped = [training], []
-    while (parent := training.get("train_config", {}).get("init")) and Path(parent).is_file():
-        obj = read_checkpoint(parent)                        # each checkpoint is read once
-        if "training" not in obj:                            # a shipped model: its history is
-            history = Path(parent).with_suffix(".log.csv")   # the .log.csv written beside it
-            shipped = read_log_csv(history) if history.is_file() else []
+    it was initialised from (`--init`), then its own, with iterations and wall time continuing
+    across runs. Each row gets `stage` (1 for the first run) and `loss_kind` (that run's loss).
+
+    A run keeps the history of its `--init` model in its checkpoint (`parent_history`, read when
+    it started). A run saved before that was kept has its parents followed back as far as their
+    files exist, to the `.log.csv` beside a shipped model: if one of those files was replaced
+    since, that history is the new file's."""
+    chain, earlier = [training_state_of(read_checkpoint(checkpoint), checkpoint)], []
+    while True:
+        training = chain[-1]
+        if training.get("history") is not None:              # kept when the run started
+            earlier = training["history"]
             break
-        training = training_state_of(obj, parent)
-        chain.append(training)
-    rows = [{**row, "stage": int(row.get("stage", 1))} for row in shipped]
+        parent = training.get("train_config", {}).get("init")
+        if not (parent and Path(parent).is_file()):
+            break
+        obj = read_checkpoint(parent)                        # each checkpoint is read once
+        if "training" not in obj:                            # a shipped model
+            earlier = shipped_history(parent)
+            break
+        chain.append(training_state_of(obj, parent))
+    rows = [{**row, "stage": int(row.get("stage", 1))} for row in earlier]
     iteration = max((r["iteration"] for r in rows), default=0.0)
     wall = max((r["wall"] for r in rows), default=0.0)
     first = int(max((r["stage"] for r in rows), default=0)) + 1
@@ -883,6 +898,19 @@ def progress_line(row: dict[str, Any]) -> str:
                 f"island ARI {row['island_ari']:.4f}, loss {row['loss']:.4f}")
     return (f"iter {row['iteration']}: held-out majority-vote accuracy "
             f"{row['majority_vote_accuracy']:.4f}, loss {row['loss']:.4f}")
+
+
+def shipped_history(model: str | Path) -> list[dict[str, Any]]:
+    """A shipped model's training history: the `.log.csv` written beside it (none: [])"""
+    history = Path(model).with_suffix(".log.csv")
+    return read_log_csv(history) if history.is_file() else []
+
+
+def parent_history(init: str | Path) -> list[dict[str, Any]]:
+    """The whole history of the model a run starts from: a run's checkpoint's `lineage_log`, or
+    a shipped model's `.log.csv`."""
+    obj = read_checkpoint(init)
+    return lineage_log(init) if "training" in obj else shipped_history(init)
 
 
 def export_run(checkpoint: str | Path, out: str | Path,

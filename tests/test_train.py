@@ -272,6 +272,32 @@ def test_lineage_log_chains_a_fine_tuned_run_after_its_parent(tmp_path):
         lineage_log(tmp_path / "model.pt")
 
 
+def test_a_runs_history_survives_its_parent_being_replaced(tmp_path):
+    """A run keeps its --init model's history: exporting a later stage over the model an earlier
+    stage started from, or deleting a parent run, leaves every run's history as it was."""
+    from glom_mnist.train import export_run, lineage_log
+
+    images, labels, *_ = synthetic(8)
+    Trainer(tiny_cfg(tmp_path, "first"), images, labels, images, labels).fit(progress=False)
+    export_run(tmp_path / "first" / "last.pt", tmp_path / "ship" / "model.pt")
+    Trainer(tiny_cfg(tmp_path, "second", iterations=3, init=str(tmp_path / "ship" / "model.pt")),
+            images, labels, images, labels).fit(progress=False)
+    Trainer(tiny_cfg(tmp_path, "third", iterations=2, init=str(tmp_path / "second" / "last.pt")),
+            images, labels, images, labels).fit(progress=False)
+    before = lineage_log(tmp_path / "third" / "last.pt")
+    assert [r["stage"] for r in before] == [1] * 6 + [2] * 3 + [3] * 2
+    # the third stage replaces the model the second started from, and the second run is deleted
+    export_run(tmp_path / "third" / "last.pt", tmp_path / "ship" / "model.pt", metrics={})
+    (tmp_path / "second" / "last.pt").unlink()
+    assert lineage_log(tmp_path / "third" / "last.pt") == before
+    # resumed, a run still has it
+    cfg = tiny_cfg(tmp_path, "third", iterations=4, init=str(tmp_path / "second" / "last.pt"))
+    Trainer(cfg, images, labels, images, labels,
+            resume=tmp_path / "third" / "last.pt").fit(progress=False)
+    after = lineage_log(tmp_path / "third" / "last.pt")
+    assert after[:len(before)] == before and [r["stage"] for r in after[-4:]] == [3] * 4
+
+
 def test_resuming_with_another_loss_is_refused(tmp_path):
     images, labels, *_ = synthetic(8)
     Trainer(tiny_cfg(tmp_path, "a", iterations=2, loss="cross_entropy"),
