@@ -901,7 +901,7 @@ def progress_line(row: dict[str, Any]) -> str:
 
 
 def shipped_history(model: str | Path) -> list[dict[str, Any]]:
-    """A shipped model's training history: the `.log.csv` written beside it (none: [])"""
+    """A shipped model's training history: the `.log.csv` written beside it (none: [])."""
     history = Path(model).with_suffix(".log.csv")
     return read_log_csv(history) if history.is_file() else []
 
