@@ -73,7 +73,7 @@ ISLAND_MARGIN = 0.5   # island_loss: neighbours in different objects are pushed 
 
 
 def island_loss(states: torch.Tensor, targets: torch.Tensor, margin: float = ISLAND_MARGIN,
-                apart_everywhere: bool = False) -> torch.Tensor:
+                apart_everywhere: bool = False, boundary: float = 0.0) -> torch.Tensor:
     """The islands in the objective: of every pair of 4-neighbour columns (no wrap-around), in
     states `(S, B, L, D, h, w)`, those in one object (the same target in `targets` `(B, h, w)`:
     the objects of a scene are of different classes) should agree at the top level, the whole
@@ -83,9 +83,11 @@ def island_loss(states: torch.Tensor, targets: torch.Tensor, margin: float = ISL
     whose parts stay inside it. The mean of the two terms, each over its pairs (0 without any).
     With `apart_everywhere` a third term, the same penalty at the top level over every pair of
     columns in different objects wherever they are: two wholes differ even where blank columns
-    lie between them."""
+    lie between them. With `boundary` > 0 a fourth term, `boundary` times the same penalty over
+    the top level of the neighbours in different objects alone: in the second term these pairs'
+    top level is one level among L-1, yet one of them above tau joins two objects' islands."""
     unit = F.normalize(states[:, :, 1:], dim=3)                            # (S, B, L-1, D, h, w)
-    agree_sum, agree_n, apart_sum, apart_n = 0.0, 0, 0.0, 0
+    agree_sum, agree_n, apart_sum, apart_n, edge_sum, edge_n = 0.0, 0, 0.0, 0, 0.0, 0
     for axis in (-1, -2):                                                  # right, then down
         n = unit.shape[axis] - 1
         cos = (unit.narrow(axis, 0, n) * unit.narrow(axis, 1, n)).sum(3)   # (S, B, L-1, h', w')
@@ -96,7 +98,11 @@ def island_loss(states: torch.Tensor, targets: torch.Tensor, margin: float = ISL
         apart = ~same[:, None].expand_as(cos[0])                           # (B, L-1, h', w')
         apart_sum = apart_sum + F.relu(cos - margin)[apart.expand_as(cos)].sum()
         apart_n += int(apart.sum()) * cos.shape[0]
+        edge_sum = edge_sum + F.relu(top - margin)[(~same).expand_as(top)].sum()
+        edge_n += int((~same).sum()) * top.shape[0]
     loss = agree_sum / max(agree_n, 1) + apart_sum / max(apart_n, 1)
+    if boundary:
+        loss = loss + boundary * edge_sum / max(edge_n, 1)
     if apart_everywhere:
         top = unit[:, :, -1].flatten(-2)                                   # (S, B, D, n)
         cos = top.transpose(2, 3) @ top                                    # (S, B, n, n)
@@ -242,11 +248,12 @@ class PatchGlom(nn.Module):
     def states_loss(self, states: torch.Tensor, targets: torch.Tensor,
                     label_smoothing: float = 0.0,
                     island_weight: float = 0.0,
-                    apart_everywhere: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    apart_everywhere: bool = False,
+                    boundary: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of every column's scores against its target, averaged over the columns
         and the last `cfg.loss_steps` of the rollout's states `(T+1, B, L, D, h, w)`, plus
-        `island_weight` times `island_loss` over the same states (`apart_everywhere`: see
-        there); and whether each image's final votes are right `(B,)`.
+        `island_weight` times `island_loss` over the same states (`apart_everywhere` and
+        `boundary`: see there); and whether each image's final votes are right `(B,)`.
 
         targets: each image's label `(B,)`, the target of all its columns; or each column's own
         class `(B, h, w)`, e.g. the class of its object in a scene of several digits
@@ -267,7 +274,8 @@ class PatchGlom(nn.Module):
                                label_smoothing=label_smoothing)
         if island_weight:
             loss = loss + island_weight * island_loss(states[-self.cfg.loss_steps:], targets,
-                                                      apart_everywhere=apart_everywhere)
+                                                      apart_everywhere=apart_everywhere,
+                                                      boundary=boundary)
         with torch.no_grad():
             present = F.one_hot(targets.flatten(1), C).any(1)               # (B, C) classes there
             classes = torch.where(present, torch.arange(C, device=present.device), -1)

@@ -93,6 +93,8 @@ class TrainConfig:
                                       # (patch_glom.island_loss; 0: cross-entropy alone)
     island_apart_everywhere: bool = False  # the island loss also pushes apart the top levels of
                                       # columns in different objects that are not neighbours
+    island_boundary: float = 0.0      # the island loss also counts the top level of neighbours
+                                      # in different objects on its own, this many times
     scenes: str | None = None         # train on fresh scenes of several digits of this kind
                                       # (scenes.KINDS: "pair", "random"), every column against
                                       # its object's class; None: single digits
@@ -136,6 +138,12 @@ class TrainConfig:
                              f"--preset {' or '.join(sorted(PATCH_PRESETS))}, not {self.preset}")
         if self.island_apart_everywhere and not self.island_weight:
             raise ValueError("--island-apart-everywhere is a term of the islands' loss: give "
+                             "--island-weight too")
+        if not self.island_boundary >= 0:
+            raise ValueError(f"island_boundary must be >= 0 (0: no boundary term), "
+                             f"got {self.island_boundary}")
+        if self.island_boundary and not self.island_weight:
+            raise ValueError("--island-boundary is a term of the islands' loss: give "
                              "--island-weight too")
         if self.scenes is not None:
             self._check_scenes()
@@ -448,7 +456,8 @@ class Trainer:
         if isinstance(self.model, PatchGlom):     # its own loss, over the last steps' columns
             states = network(x, return_all=True)
             loss, correct = self.model.states_loss(states, y, cfg.label_smoothing,
-                                                   cfg.island_weight, cfg.island_apart_everywhere)
+                                                   cfg.island_weight, cfg.island_apart_everywhere,
+                                                   cfg.island_boundary)
             return loss, correct, None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and self.device.type == "cuda"):
             levels = network(x)
@@ -760,7 +769,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "val": int, "warmup": int, "shift": int, "lr": float,
                     "checkpoint_minutes": float, "max_minutes": float, "hard_weight": float,
                     "weight_decay": float, "label_smoothing": float,
-                    "island_weight": float}.get(f.name, str)
+                    "island_weight": float, "island_boundary": float}.get(f.name, str)
             parser.add_argument(flag, type=kind, default=None, help=f"(default {default})")
     parser.add_argument("--resume", default=None,
                         help="a runs/*/last.pt to continue from, with that run's own settings "

@@ -155,6 +155,19 @@ def test_island_loss_apart_everywhere_also_separates_objects_that_do_not_touch()
         (1 - ISLAND_MARGIN) / 2 + (1 - ISLAND_MARGIN))
 
 
+def test_island_boundary_counts_the_top_level_across_the_border_on_its_own():
+    from glom_mnist.patch_glom import ISLAND_MARGIN, island_loss
+    # one top-level island over both objects: the border pairs' top level is 1 of the 2 levels
+    # (so half the penalty) in the second term, and the whole penalty, times 3, in the fourth
+    states, targets = two_objects(top_same=True, lower_same=False)
+    assert island_loss(states, targets, boundary=3.0) - island_loss(
+        states, targets) == pytest.approx(3 * (1 - ISLAND_MARGIN))
+    # a level-1 island across the border: the fourth term looks at the top level only
+    states, targets = two_objects(top_same=False, lower_same=True)
+    assert island_loss(states, targets, boundary=3.0) == pytest.approx(island_loss(states, targets))
+    assert island_loss(*two_objects(top_same=False, lower_same=False), boundary=3.0) == 0
+
+
 def test_island_weight_adds_the_islands_to_the_loss_and_is_refused_where_it_cannot_apply(tmp_path):
     plain = Trainer(scene_cfg(tmp_path, "a"), *toy_split())
     islands = Trainer(scene_cfg(tmp_path, "b", island_weight=1.0), *toy_split())
@@ -174,7 +187,10 @@ def test_island_weight_adds_the_islands_to_the_loss_and_is_refused_where_it_cann
     for changes, says in ((dict(island_weight=-1.0), "island_weight must be >= 0"),
                           (dict(island_weight=1.0, scenes=None, preset="seed", model_overrides={}),
                            "--island-weight adds the islands"),
-                          (dict(island_apart_everywhere=True), "give --island-weight too")):
+                          (dict(island_apart_everywhere=True), "give --island-weight too"),
+                          (dict(island_boundary=1.0), "give --island-weight too"),
+                          (dict(island_weight=1.0, island_boundary=-1.0),
+                           "island_boundary must be >= 0")):
         with pytest.raises(ValueError, match=says):
             scene_cfg(tmp_path, "x", **changes)
 
