@@ -87,7 +87,7 @@ def island_loss(states: torch.Tensor, targets: torch.Tensor, margin: float = ISL
     the top level of the neighbours in different objects alone: in the second term these pairs'
     top level is one level among L-1, yet one of them above tau joins two objects' islands."""
     unit = F.normalize(states[:, :, 1:], dim=3)                            # (S, B, L-1, D, h, w)
-    agree_sum, agree_n, apart_sum, apart_n, edge_sum, edge_n = 0.0, 0, 0.0, 0, 0.0, 0
+    agree_sum, agree_n, apart_sum, apart_n, edge_sum = 0.0, 0, 0.0, 0, 0.0
     for axis in (-1, -2):                                                  # right, then down
         n = unit.shape[axis] - 1
         cos = (unit.narrow(axis, 0, n) * unit.narrow(axis, 1, n)).sum(3)   # (S, B, L-1, h', w')
@@ -96,13 +96,14 @@ def island_loss(states: torch.Tensor, targets: torch.Tensor, margin: float = ISL
         agree_sum = agree_sum + (1 - top)[same.expand_as(top)].sum()
         agree_n += int(same.sum()) * top.shape[0]
         apart = ~same[:, None].expand_as(cos[0])                           # (B, L-1, h', w')
-        apart_sum = apart_sum + F.relu(cos - margin)[apart.expand_as(cos)].sum()
+        penalty = F.relu(cos - margin)                                     # (S, B, L-1, h', w')
+        apart_sum = apart_sum + penalty[apart.expand_as(cos)].sum()
         apart_n += int(apart.sum()) * cos.shape[0]
-        edge_sum = edge_sum + F.relu(top - margin)[(~same).expand_as(top)].sum()
-        edge_n += int((~same).sum()) * top.shape[0]
+        if boundary:                                      # the top level of the same pairs
+            edge_sum = edge_sum + penalty[:, :, -1][(~same).expand_as(top)].sum()
     loss = agree_sum / max(agree_n, 1) + apart_sum / max(apart_n, 1)
-    if boundary:
-        loss = loss + boundary * edge_sum / max(edge_n, 1)
+    if boundary:                           # its pairs: the second term's, at one level of L-1
+        loss = loss + boundary * edge_sum / max(apart_n // unit.shape[2], 1)
     if apart_everywhere:
         top = unit[:, :, -1].flatten(-2)                                   # (S, B, D, n)
         cos = top.transpose(2, 3) @ top                                    # (S, B, n, n)
