@@ -28,7 +28,7 @@ random_scenes() {
   local run="--preset patch --scenes random --init resume/scenes/random_everywhere.pt
     --set kernel=5 --val 5000 --eval-images 500 --eval-every 1000 --batch-size 64 --lr 3e-4
     --optimizer adamw --weight-decay 0.05 --warmup 50 --schedule cosine --iterations 10000
-    --loss cross_entropy --island-weight 5 --island-apart-everywhere --out-dir $R"
+    --loss cross_entropy --island-weight 5 --island-apart-everywhere --island-boundary 1 --out-dir $R"
   [ -f $R/last.pt ] && run="--resume $R/last.pt"
   $G train $run --device $DEVICE --checkpoint-minutes 1 --max-minutes "$(minutes)" \
     --save $R/model.pt
