@@ -70,10 +70,12 @@ def positions(h: int, w: int, patch: int, freqs: int, device: torch.device) -> t
 
 
 ISLAND_MARGIN = 0.5   # island_loss: neighbours in different objects are pushed below this cosine
+ISLAND_HOLD = 0.95    # island_loss(hold=...): neighbours in one object are pulled above this one
 
 
 def island_loss(states: torch.Tensor, targets: torch.Tensor, margin: float = ISLAND_MARGIN,
-                apart_everywhere: bool = False, boundary: float = 0.0) -> torch.Tensor:
+                apart_everywhere: bool = False, boundary: float = 0.0,
+                hold: float = 0.0) -> torch.Tensor:
     """The islands in the objective: of every pair of 4-neighbour columns (no wrap-around), in
     states `(S, B, L, D, h, w)`, those in one object (the same target in `targets` `(B, h, w)`:
     the objects of a scene are of different classes) should agree at the top level, the whole
@@ -85,15 +87,21 @@ def island_loss(states: torch.Tensor, targets: torch.Tensor, margin: float = ISL
     columns in different objects wherever they are: two wholes differ even where blank columns
     lie between them. With `boundary` > 0 a fourth term, `boundary` times the same penalty over
     the top level of the neighbours in different objects alone: in the second term these pairs'
-    top level is one level among L-1, yet one of them above tau joins two objects' islands."""
+    top level is one level among L-1, yet one of them above tau joins two objects' islands.
+    With `hold` > 0 a fifth term, `hold` times the mean over the first term's pairs of how far
+    their top level lies below ISLAND_HOLD (linearly): the first term asks every pair for a little
+    more agreement, a pair at cosine 0.85 no more than one at 0.99, yet below tau it splits its
+    island; this one asks only the pairs below ISLAND_HOLD, and each as much."""
     unit = F.normalize(states[:, :, 1:], dim=3)                            # (S, B, L-1, D, h, w)
-    agree_sum, agree_n, apart_sum, apart_n, edge_sum = 0.0, 0, 0.0, 0, 0.0
+    agree_sum, agree_n, apart_sum, apart_n, edge_sum, hold_sum = 0.0, 0, 0.0, 0, 0.0, 0.0
     for axis in (-1, -2):                                                  # right, then down
         n = unit.shape[axis] - 1
         cos = (unit.narrow(axis, 0, n) * unit.narrow(axis, 1, n)).sum(3)   # (S, B, L-1, h', w')
         same = targets.narrow(axis, 0, n) == targets.narrow(axis, 1, n)    # (B, h', w')
         top = cos[:, :, -1]                                                # (S, B, h', w')
         agree_sum = agree_sum + (1 - top)[same.expand_as(top)].sum()
+        if hold:                                          # the same pairs, below ISLAND_HOLD
+            hold_sum = hold_sum + F.relu(ISLAND_HOLD - top)[same.expand_as(top)].sum()
         agree_n += int(same.sum()) * top.shape[0]
         apart = ~same[:, None].expand_as(cos[0])                           # (B, L-1, h', w')
         penalty = F.relu(cos - margin)                                     # (S, B, L-1, h', w')
@@ -104,6 +112,8 @@ def island_loss(states: torch.Tensor, targets: torch.Tensor, margin: float = ISL
     loss = agree_sum / max(agree_n, 1) + apart_sum / max(apart_n, 1)
     if boundary:                           # its pairs: the second term's, at one level of L-1
         loss = loss + boundary * edge_sum / max(apart_n // unit.shape[2], 1)
+    if hold:
+        loss = loss + hold * hold_sum / max(agree_n, 1)
     if apart_everywhere:
         top = unit[:, :, -1].flatten(-2)                                   # (S, B, D, n)
         cos = top.transpose(2, 3) @ top                                    # (S, B, n, n)
@@ -250,11 +260,12 @@ class PatchGlom(nn.Module):
                     label_smoothing: float = 0.0,
                     island_weight: float = 0.0,
                     apart_everywhere: bool = False,
-                    boundary: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    boundary: float = 0.0,
+                    hold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of every column's scores against its target, averaged over the columns
         and the last `cfg.loss_steps` of the rollout's states `(T+1, B, L, D, h, w)`, plus
-        `island_weight` times `island_loss` over the same states (`apart_everywhere` and
-        `boundary`: see there); and whether each image's final votes are right `(B,)`.
+        `island_weight` times `island_loss` over the same states (`apart_everywhere`,
+        `boundary` and `hold`: see there); and whether each image's final votes are right `(B,)`.
 
         targets: each image's label `(B,)`, the target of all its columns; or each column's own
         class `(B, h, w)`, e.g. the class of its object in a scene of several digits
@@ -276,7 +287,7 @@ class PatchGlom(nn.Module):
         if island_weight:
             loss = loss + island_weight * island_loss(states[-self.cfg.loss_steps:], targets,
                                                       apart_everywhere=apart_everywhere,
-                                                      boundary=boundary)
+                                                      boundary=boundary, hold=hold)
         with torch.no_grad():
             present = F.one_hot(targets.flatten(1), C).any(1)               # (B, C) classes there
             classes = torch.where(present, torch.arange(C, device=present.device), -1)

@@ -95,6 +95,8 @@ class TrainConfig:
                                       # columns in different objects that are not neighbours
     island_boundary: float = 0.0      # the island loss also counts the top level of neighbours
                                       # in different objects on its own, this many times
+    island_hold: float = 0.0          # the island loss also pulls the top level of neighbours
+                                      # in one object above ISLAND_HOLD, this many times
     scenes: str | None = None         # train on fresh scenes of several digits of this kind
                                       # (scenes.KINDS: "pair", "random"), every column against
                                       # its object's class; None: single digits
@@ -139,12 +141,13 @@ class TrainConfig:
         if self.island_apart_everywhere and not self.island_weight:
             raise ValueError("--island-apart-everywhere is a term of the islands' loss: give "
                              "--island-weight too")
-        if not self.island_boundary >= 0:
-            raise ValueError(f"island_boundary must be >= 0 (0: no boundary term), "
-                             f"got {self.island_boundary}")
-        if self.island_boundary and not self.island_weight:
-            raise ValueError("--island-boundary is a term of the islands' loss: give "
-                             "--island-weight too")
+        for name in ("island_boundary", "island_hold"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0 (0: no such term), got {value}")
+            if value and not self.island_weight:
+                raise ValueError(f"--{name.replace('_', '-')} is a term of the islands' loss: "
+                                 "give --island-weight too")
         if self.scenes is not None:
             self._check_scenes()
         self.model_config()                                   # the model's settings, checked
@@ -457,7 +460,7 @@ class Trainer:
             states = network(x, return_all=True)
             loss, correct = self.model.states_loss(states, y, cfg.label_smoothing,
                                                    cfg.island_weight, cfg.island_apart_everywhere,
-                                                   cfg.island_boundary)
+                                                   cfg.island_boundary, cfg.island_hold)
             return loss, correct, None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and self.device.type == "cuda"):
             levels = network(x)
@@ -769,7 +772,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "val": int, "warmup": int, "shift": int, "lr": float,
                     "checkpoint_minutes": float, "max_minutes": float, "hard_weight": float,
                     "weight_decay": float, "label_smoothing": float,
-                    "island_weight": float, "island_boundary": float}.get(f.name, str)
+                    "island_weight": float, "island_boundary": float,
+                    "island_hold": float}.get(f.name, str)
             parser.add_argument(flag, type=kind, default=None, help=f"(default {default})")
     parser.add_argument("--resume", default=None,
                         help="a runs/*/last.pt to continue from, with that run's own settings "

@@ -168,6 +168,19 @@ def test_island_boundary_counts_the_top_level_across_the_border_on_its_own():
     assert island_loss(*two_objects(top_same=False, lower_same=False), boundary=3.0) == 0
 
 
+def test_island_hold_pulls_only_the_neighbours_in_one_object_below_the_hold_cosine():
+    from glom_mnist.patch_glom import ISLAND_HOLD, island_loss
+    for cosine in (0.8, ISLAND_HOLD + 0.02):
+        # the left object's second column tilted at the top level: cosine `cosine` with the
+        # first, 0 with the right object; 2 of the 8 pairs in one object, in both steps
+        states, targets = two_objects(top_same=False, lower_same=False)
+        states[:, :, 2, :, :, 1] = 0
+        states[:, :, 2, 0, :, 1] = cosine
+        states[:, :, 2, 3, :, 1] = (1 - cosine ** 2) ** 0.5
+        assert island_loss(states, targets, hold=2.0) - island_loss(
+            states, targets) == pytest.approx(2 * max(ISLAND_HOLD - cosine, 0) * 2 / 8)
+
+
 def test_island_weight_adds_the_islands_to_the_loss_and_is_refused_where_it_cannot_apply(tmp_path):
     plain = Trainer(scene_cfg(tmp_path, "a"), *toy_split())
     islands = Trainer(scene_cfg(tmp_path, "b", island_weight=1.0), *toy_split())
@@ -190,7 +203,10 @@ def test_island_weight_adds_the_islands_to_the_loss_and_is_refused_where_it_cann
                           (dict(island_apart_everywhere=True), "give --island-weight too"),
                           (dict(island_boundary=1.0), "give --island-weight too"),
                           (dict(island_weight=1.0, island_boundary=-1.0),
-                           "island_boundary must be >= 0")):
+                           "island_boundary must be >= 0"),
+                          (dict(island_hold=1.0), "--island-hold is a term of the islands"),
+                          (dict(island_weight=1.0, island_hold=-0.5),
+                           "island_hold must be >= 0")):
         with pytest.raises(ValueError, match=says):
             scene_cfg(tmp_path, "x", **changes)
 
