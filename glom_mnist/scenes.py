@@ -558,7 +558,7 @@ def run(args: argparse.Namespace) -> int:
         import matplotlib.pyplot as plt   # only when drawing: measuring needs no plotting library
 
         fig = scene_figure(model, scenes, args.tau[0], seed=args.seed,
-                           title=f"{path.name} on {args.kind} {digits} scenes: islands "
+                           title=f"{path.name} on {args.kind} {digits} scenes:\nislands "
                                  f"(cosine >= {args.tau[0]}) outlined, and the votes")
         atomic_write(args.figure, lambda f: fig.savefig(f, format="png", dpi=110))
         plt.close(fig)
