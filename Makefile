@@ -72,10 +72,12 @@ figures: data              ## redraw imgs/ and its folders consensus/, small/, b
 	  $(PY) -m glom_mnist scenes --root $(DATA) --checkpoint $(BEST) --kind pair --scenes 8 \
 	    --figure imgs/scenes/best_pairs.png --force; \
 	fi
-	@# and by the model trained on pairs, its islands in the objective
+	@# and by the model trained on random scenes, its islands in the objective
 	@if [ -f $(SCENES) ]; then \
 	  $(PY) -m glom_mnist scenes --root $(DATA) --checkpoint $(SCENES) --kind pair --scenes 8 \
 	    --figure imgs/scenes/scenes_pairs.png --force; \
+	  $(PY) -m glom_mnist scenes --root $(DATA) --checkpoint $(SCENES) --kind random --scenes 8 \
+	    --batch-size 25 --figure imgs/scenes/scenes_random.png --force; \
 	fi
 
 test: data                 ## the whole test suite, notebooks (smoke mode) included

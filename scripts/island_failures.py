@@ -1,7 +1,7 @@
 """Where a scene model's top-level islands part from the objects: merges or splits, and through
 which columns.
 
-    python scripts/island_failures.py --checkpoint resume/scenes/random_everywhere.pt --kind random \
+    python scripts/island_failures.py --checkpoint best_models/glom_scenes.pt --kind random \
         --scenes 200 --val 5000 --tau 0.9
 
 Rolls the model out on the validation scenes (`--val N`: scenes of the last N training digits,
