@@ -250,11 +250,11 @@ class PatchGlom(nn.Module):
         return self.majority(self.votes(self(images, steps=steps)))
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
-             island_weight: float = 0.0,
-             apart_everywhere: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training loss of `images` (see states_loss) and whether each is voted right."""
+             **islands: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss of `images` (see states_loss, whose island options `islands` are)
+        and whether each is voted right."""
         return self.states_loss(self(images, return_all=True), targets, label_smoothing,
-                                island_weight, apart_everywhere)
+                                **islands)
 
     def states_loss(self, states: torch.Tensor, targets: torch.Tensor,
                     label_smoothing: float = 0.0,

@@ -136,6 +136,19 @@ def test_the_loss_takes_each_columns_own_target():
         model.loss(x, targets[:, :, :7])
 
 
+def test_the_loss_adds_the_islands_with_every_option_it_is_given():
+    from glom_mnist.patch_glom import island_loss
+    model = tiny()
+    x = images(2, 28, 56)
+    targets = torch.zeros(2, 7, 14, dtype=torch.long)
+    targets[:, :, 7:] = 5                                               # two objects a scene
+    options = dict(apart_everywhere=True, boundary=1.0, hold=2.0)
+    plain, _ = model.loss(x, targets)
+    more, _ = model.loss(x, targets, island_weight=3.0, **options)
+    states = model(x, return_all=True)[-2:]
+    assert torch.allclose(more - plain, 3.0 * island_loss(states, targets, **options), atol=1e-5)
+
+
 def test_an_image_is_right_when_every_targets_columns_vote_it():
     model = tiny()
     x = images(1, 28, 56)
