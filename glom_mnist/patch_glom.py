@@ -99,9 +99,10 @@ def island_loss(states: torch.Tensor, targets: torch.Tensor, margin: float = ISL
         cos = (unit.narrow(axis, 0, n) * unit.narrow(axis, 1, n)).sum(3)   # (S, B, L-1, h', w')
         same = targets.narrow(axis, 0, n) == targets.narrow(axis, 1, n)    # (B, h', w')
         top = cos[:, :, -1]                                                # (S, B, h', w')
-        agree_sum = agree_sum + (1 - top)[same.expand_as(top)].sum()
+        together = same.expand_as(top)
+        agree_sum = agree_sum + (1 - top)[together].sum()
         if hold:                                          # the same pairs, below ISLAND_HOLD
-            hold_sum = hold_sum + F.relu(ISLAND_HOLD - top)[same.expand_as(top)].sum()
+            hold_sum = hold_sum + F.relu(ISLAND_HOLD - top)[together].sum()
         agree_n += int(same.sum()) * top.shape[0]
         apart = ~same[:, None].expand_as(cos[0])                           # (B, L-1, h', w')
         penalty = F.relu(cos - margin)                                     # (S, B, L-1, h', w')
@@ -250,7 +251,7 @@ class PatchGlom(nn.Module):
         return self.majority(self.votes(self(images, steps=steps)))
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
-             **islands: float) -> tuple[torch.Tensor, torch.Tensor]:
+             **islands: float | bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The training loss of `images` (see states_loss, whose island options `islands` are)
         and whether each is voted right."""
         return self.states_loss(self(images, return_all=True), targets, label_smoothing,

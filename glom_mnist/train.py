@@ -138,10 +138,7 @@ class TrainConfig:
         if self.island_weight and self.preset not in PATCH_PRESETS:
             raise ValueError(f"--island-weight adds the islands to the patch presets' loss: use "
                              f"--preset {' or '.join(sorted(PATCH_PRESETS))}, not {self.preset}")
-        if self.island_apart_everywhere and not self.island_weight:
-            raise ValueError("--island-apart-everywhere is a term of the islands' loss: give "
-                             "--island-weight too")
-        for name in ("island_boundary", "island_hold"):
+        for name in ("island_apart_everywhere", "island_boundary", "island_hold"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0 (0: no such term), got {value}")
@@ -458,9 +455,10 @@ class Trainer:
         network.train()
         if isinstance(self.model, PatchGlom):     # its own loss, over the last steps' columns
             states = network(x, return_all=True)
-            loss, correct = self.model.states_loss(states, y, cfg.label_smoothing,
-                                                   cfg.island_weight, cfg.island_apart_everywhere,
-                                                   cfg.island_boundary, cfg.island_hold)
+            loss, correct = self.model.states_loss(
+                states, y, cfg.label_smoothing, island_weight=cfg.island_weight,
+                apart_everywhere=cfg.island_apart_everywhere, boundary=cfg.island_boundary,
+                hold=cfg.island_hold)
             return loss, correct, None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and self.device.type == "cuda"):
             levels = network(x)
