@@ -75,7 +75,8 @@ ISLAND_HOLD = 0.95    # island_loss(hold=...): neighbours in one object are pull
 
 def island_loss(states: torch.Tensor, targets: torch.Tensor, margin: float = ISLAND_MARGIN,
                 apart_everywhere: bool = False, boundary: float = 0.0,
-                hold: float = 0.0) -> torch.Tensor:
+                hold: float = 0.0, parts: float = 0.0,
+                ink: torch.Tensor | None = None) -> torch.Tensor:
     """The islands in the objective: of every pair of 4-neighbour columns (no wrap-around), in
     states `(S, B, L, D, h, w)`, those in one object (the same target in `targets` `(B, h, w)`:
     the objects of a scene are of different classes) should agree at the top level, the whole
@@ -91,9 +92,16 @@ def island_loss(states: torch.Tensor, targets: torch.Tensor, margin: float = ISL
     With `hold` > 0 a fifth term, `hold` times the mean over the first term's pairs of how far
     their top level lies below ISLAND_HOLD (linearly): the first term asks every pair for a little
     more agreement, a pair at cosine 0.85 no more than one at 0.99, yet below tau it splits its
-    island; this one asks only the pairs below ISLAND_HOLD, and each as much."""
+    island; this one asks only the pairs below ISLAND_HOLD, and each as much.
+    With `parts` > 0 a sixth term, `parts` times the same pull below ISLAND_HOLD at the levels
+    between the input and the top, over the neighbours in one object that are both on its ink
+    (`ink` `(B, h, w)` bool, e.g. `islands.digit_mask`): the lower levels are parts of the
+    object, and a part lies on the digit, not on the blank canvas around it."""
+    if parts and ink is None:
+        raise ValueError("island_loss(parts=...) needs the ink columns: give ink (B, h, w)")
     unit = F.normalize(states[:, :, 1:], dim=3)                            # (S, B, L-1, D, h, w)
     agree_sum, agree_n, apart_sum, apart_n, edge_sum, hold_sum = 0.0, 0, 0.0, 0, 0.0, 0.0
+    part_sum, part_n = 0.0, 0
     for axis in (-1, -2):                                                  # right, then down
         n = unit.shape[axis] - 1
         cos = (unit.narrow(axis, 0, n) * unit.narrow(axis, 1, n)).sum(3)   # (S, B, L-1, h', w')
@@ -110,11 +118,19 @@ def island_loss(states: torch.Tensor, targets: torch.Tensor, margin: float = ISL
         apart_n += int(apart.sum()) * cos.shape[0]
         if boundary:                                      # the top level of the same pairs
             edge_sum = edge_sum + penalty[:, :, -1][(~same).expand_as(top)].sum()
+        if parts:                                         # the lower levels of the ink's pairs
+            on_ink = same & ink.narrow(axis, 0, n) & ink.narrow(axis, 1, n)      # (B, h', w')
+            lower = cos[:, :, :-1]                                         # (S, B, L-2, h', w')
+            on_ink = on_ink[:, None].expand_as(lower[0])
+            part_sum = part_sum + F.relu(ISLAND_HOLD - lower)[on_ink.expand_as(lower)].sum()
+            part_n += int(on_ink.sum()) * lower.shape[0]
     loss = agree_sum / max(agree_n, 1) + apart_sum / max(apart_n, 1)
     if boundary:                           # its pairs: the second term's, at one level of L-1
         loss = loss + boundary * edge_sum / max(apart_n // unit.shape[2], 1)
     if hold:
         loss = loss + hold * hold_sum / max(agree_n, 1)
+    if parts:
+        loss = loss + parts * part_sum / max(part_n, 1)
     if apart_everywhere:
         top = unit[:, :, -1].flatten(-2)                                   # (S, B, D, n)
         cos = top.transpose(2, 3) @ top                                    # (S, B, n, n)
@@ -251,7 +267,7 @@ class PatchGlom(nn.Module):
         return self.majority(self.votes(self(images, steps=steps)))
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
-             **islands: float | bool) -> tuple[torch.Tensor, torch.Tensor]:
+             **islands: float | bool | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The training loss of `images` (see states_loss, whose island options `islands` are)
         and whether each is voted right."""
         return self.states_loss(self(images, return_all=True), targets, label_smoothing,
@@ -262,11 +278,13 @@ class PatchGlom(nn.Module):
                     island_weight: float = 0.0,
                     apart_everywhere: bool = False,
                     boundary: float = 0.0,
-                    hold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    hold: float = 0.0,
+                    parts: float = 0.0,
+                    ink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of every column's scores against its target, averaged over the columns
         and the last `cfg.loss_steps` of the rollout's states `(T+1, B, L, D, h, w)`, plus
         `island_weight` times `island_loss` over the same states (`apart_everywhere`,
-        `boundary` and `hold`: see there); and whether each image's final votes are right `(B,)`.
+        `boundary`, `hold`, `parts` and `ink`: see there); and whether each image's final votes are right `(B,)`.
 
         targets: each image's label `(B,)`, the target of all its columns; or each column's own
         class `(B, h, w)`, e.g. the class of its object in a scene of several digits
@@ -288,7 +306,8 @@ class PatchGlom(nn.Module):
         if island_weight:
             loss = loss + island_weight * island_loss(states[-self.cfg.loss_steps:], targets,
                                                       apart_everywhere=apart_everywhere,
-                                                      boundary=boundary, hold=hold)
+                                                      boundary=boundary, hold=hold,
+                                                      parts=parts, ink=ink)
         with torch.no_grad():
             present = F.one_hot(targets.flatten(1), C).any(1)               # (B, C) classes there
             classes = torch.where(present, torch.arange(C, device=present.device), -1)

@@ -38,6 +38,7 @@ from .checkpoint import (CheckpointError, build_model, default_device, git_commi
                          save_checkpoint)
 from .config import GlomConfig, PATCH_PRESETS, PRESETS, PatchGlomConfig, model_config
 from .evaluate import evaluate_model
+from .islands import digit_mask
 from .files import (atomic_write_text, check_new_file, check_writable_folder,
                     remove_stale_temporaries, run_folder_lock)
 from .model import Glom
@@ -97,6 +98,8 @@ class TrainConfig:
                                       # in different objects on its own, this many times
     island_hold: float = 0.0          # the island loss also pulls the top level of neighbours
                                       # in one object above ISLAND_HOLD, this many times
+    island_parts: float = 0.0         # the island loss also pulls the lower levels of neighbours
+                                      # on one object's ink above ISLAND_HOLD, this many times
     scenes: str | None = None         # train on fresh scenes of several digits of this kind
                                       # (scenes.KINDS: "pair", "random"), every column against
                                       # its object's class; None: single digits
@@ -138,7 +141,7 @@ class TrainConfig:
         if self.island_weight and self.preset not in PATCH_PRESETS:
             raise ValueError(f"--island-weight adds the islands to the patch presets' loss: use "
                              f"--preset {' or '.join(sorted(PATCH_PRESETS))}, not {self.preset}")
-        for name in ("island_apart_everywhere", "island_boundary", "island_hold"):
+        for name in ("island_apart_everywhere", "island_boundary", "island_hold", "island_parts"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0 (0: no such term), got {value}")
@@ -458,7 +461,8 @@ class Trainer:
             loss, correct = self.model.states_loss(
                 states, y, cfg.label_smoothing, island_weight=cfg.island_weight,
                 apart_everywhere=cfg.island_apart_everywhere, boundary=cfg.island_boundary,
-                hold=cfg.island_hold)
+                hold=cfg.island_hold, parts=cfg.island_parts,
+                ink=digit_mask(x, patch=self.model.patch) if cfg.island_parts else None)
             return loss, correct, None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and self.device.type == "cuda"):
             levels = network(x)
@@ -771,7 +775,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "checkpoint_minutes": float, "max_minutes": float, "hard_weight": float,
                     "weight_decay": float, "label_smoothing": float,
                     "island_weight": float, "island_boundary": float,
-                    "island_hold": float}.get(f.name, str)
+                    "island_hold": float, "island_parts": float}.get(f.name, str)
             parser.add_argument(flag, type=kind, default=None, help=f"(default {default})")
     parser.add_argument("--resume", default=None,
                         help="a runs/*/last.pt to continue from, with that run's own settings "

@@ -181,6 +181,47 @@ def test_island_hold_pulls_only_the_neighbours_in_one_object_below_the_hold_cosi
             states, targets) == pytest.approx(2 * max(ISLAND_HOLD - cosine, 0) * 2 / 8)
 
 
+def test_island_parts_pulls_the_lower_levels_of_ink_neighbours_in_one_object_only():
+    from glom_mnist.patch_glom import ISLAND_HOLD, island_loss
+    states, targets = two_objects(top_same=False, lower_same=False)
+    ink = torch.ones(1, 2, 4, dtype=torch.bool)
+    ink[:, 1, :2] = False                         # the left object's lower row is blank canvas
+    with pytest.raises(ValueError, match="needs the ink columns"):
+        island_loss(states, targets, parts=1.0)
+    assert island_loss(states, targets, parts=2.0, ink=ink) == island_loss(states, targets)
+    for cosine in (0.3, ISLAND_HOLD + 0.02):
+        # level 1 of the left object's second column tilted (cosine `cosine` with the first, 0
+        # with the right object): of the 5 ink pairs in one object (2 across and 2 down in the
+        # right object, the upper one in the left), one below the hold; the blank pair is not
+        # asked, nor is the top level
+        states, targets = two_objects(top_same=False, lower_same=False)
+        states[:, :, 1, 0, :, 1] = cosine
+        states[:, :, 1, 3, :, 1] = (1 - cosine ** 2) ** 0.5
+        assert island_loss(states, targets, parts=2.0, ink=ink) - island_loss(
+            states, targets) == pytest.approx(2 * max(ISLAND_HOLD - cosine, 0) / 5)
+
+
+def test_the_trainer_gives_the_part_term_the_ink_columns_of_its_scenes(tmp_path, monkeypatch):
+    import glom_mnist.patch_glom as patch_glom
+    from glom_mnist.islands import digit_columns
+    from glom_mnist.train import EPOCH_SEED
+    seen, real = {}, patch_glom.island_loss
+
+    def spy(states, targets, **options):
+        seen.update(options)
+        return real(states, targets, **options)
+
+    monkeypatch.setattr(patch_glom, "island_loss", spy)
+    trainer = Trainer(scene_cfg(tmp_path, "p", island_weight=1.0, island_parts=2.0),
+                      *toy_split())
+    trainer.batch_loss(trainer.model, torch.arange(4))
+    generator = torch.Generator().manual_seed(trainer.cfg.seed * EPOCH_SEED + trainer.iteration)
+    scenes = scene_batch(trainer.images, trainer.labels, 4, generator, "pair")
+    assert seen["parts"] == 2.0
+    assert seen["ink"].any() and not seen["ink"].all()
+    assert torch.equal(seen["ink"], digit_columns(scenes.background, trainer.model.patch))
+
+
 def test_island_weight_adds_the_islands_to_the_loss_and_is_refused_where_it_cannot_apply(tmp_path):
     plain = Trainer(scene_cfg(tmp_path, "a"), *toy_split())
     islands = Trainer(scene_cfg(tmp_path, "b", island_weight=1.0), *toy_split())
@@ -206,7 +247,10 @@ def test_island_weight_adds_the_islands_to_the_loss_and_is_refused_where_it_cann
                            "island_boundary must be >= 0"),
                           (dict(island_hold=1.0), "--island-hold is a term of the islands"),
                           (dict(island_weight=1.0, island_hold=-0.5),
-                           "island_hold must be >= 0")):
+                           "island_hold must be >= 0"),
+                          (dict(island_parts=1.0), "--island-parts is a term of the islands"),
+                          (dict(island_weight=1.0, island_parts=-1.0),
+                           "island_parts must be >= 0")):
         with pytest.raises(ValueError, match=says):
             scene_cfg(tmp_path, "x", **changes)
 
