@@ -1,18 +1,20 @@
-"""Where a scene model's top-level islands part from the objects: merges or splits, and through
-which columns.
+"""Where a scene model's islands part from the objects: merges or splits, and through which
+columns.
 
     python scripts/island_failures.py --checkpoint best_models/glom_scenes.pt --kind random \
         --scenes 200 --val 5000 --tau 0.9
 
 Rolls the model out on the validation scenes (`--val N`: scenes of the last N training digits,
-as `scenes --val` makes them) and prints, at cosine `--tau`, JSON with:
+as `scenes --val` makes them) and prints, at cosine `--tau` and level `--level` (default: the top), JSON with:
 - scenes_digit_ari_above_0.99: the share of scenes whose islands over the digit columns are
-  their objects (adjusted Rand index above 0.99);
+  their objects (adjusted Rand index above 0.99), at the level looked at;
 - merged_islands: islands holding columns of two objects or more; split_objects: objects whose
-  digit columns lie in two islands or more;
-- cross_pairs / cross_linked / cross_linked_background: 4-neighbour pairs of columns in two
-  objects, those of them at cosine >= tau at the top level (the links that merge islands), and
-  of those the pairs of two blank columns;
+  digit columns lie in two islands or more (at a lower level, where the islands are parts, a
+  split is what GLOM asks for and a merge is a part in two wholes);
+- cross_pairs / cross_linked / cross_linked_background / cross_linked_digit: 4-neighbour pairs
+  of columns in two objects, those of them at cosine >= tau (the links that merge islands), and
+  of those the pairs of two blank columns and of two digit columns (cross_pairs_digit: all
+  pairs of two digit columns in two objects, where two digits' ink lies in adjacent patches);
 - same_pairs / same_unlinked / same_unlinked_digit: pairs in one object, those below tau (the
   breaks that split islands or make extra ones), and of those the pairs of two digit columns.
 """
@@ -36,6 +38,8 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=200)
     parser.add_argument("--val", type=int, default=5000)
     parser.add_argument("--tau", type=float, default=0.9)
+    parser.add_argument("--level", type=int, default=-1,
+                        help="the level whose islands to look at (default -1: the top)")
     parser.add_argument("--batch-size", type=int, default=50)
     args = parser.parse_args()
 
@@ -48,28 +52,31 @@ def main() -> None:
                             for i in range(0, len(scenes), args.batch_size)])
     objects = column_objects(scenes.objects, model.patch)
     digit = digit_columns(scenes.background, model.patch)
-    labels = islands(levels, args.tau).labels[:, -1]                     # (N, h, w) top level
+    labels = islands(levels, args.tau).labels[:, args.level]             # (N, h, w)
     digit_ari = adjusted_rand_index(labels, objects, digit)
     merged = sum(int(objects[b][labels[b] == i].unique().numel() > 1)
                  for b in range(len(scenes)) for i in labels[b].unique())
     split = sum(int(labels[b][(objects[b] == o) & digit[b]].unique().numel() > 1)
                 for b in range(len(scenes)) for o in objects[b].unique())
-    top = F.normalize(levels[:, -1], dim=1)                              # (N, D, h, w)
-    count = dict.fromkeys(["cross_pairs", "cross_linked", "cross_linked_background", "same_pairs",
+    level = F.normalize(levels[:, args.level], dim=1)                    # (N, D, h, w)
+    count = dict.fromkeys(["cross_pairs", "cross_linked", "cross_linked_background",
+                           "cross_pairs_digit", "cross_linked_digit", "same_pairs",
                            "same_unlinked", "same_unlinked_digit"], 0)
     for axis in (-1, -2):
-        n = top.shape[axis] - 1
-        linked = (top.narrow(axis, 0, n) * top.narrow(axis, 1, n)).sum(1) >= args.tau
+        n = level.shape[axis] - 1
+        linked = (level.narrow(axis, 0, n) * level.narrow(axis, 1, n)).sum(1) >= args.tau
         cross = objects.narrow(axis, 0, n) != objects.narrow(axis, 1, n)
         both_digit = digit.narrow(axis, 0, n) & digit.narrow(axis, 1, n)
         both_blank = ~digit.narrow(axis, 0, n) & ~digit.narrow(axis, 1, n)
         for key, mask in [("cross_pairs", cross), ("cross_linked", cross & linked),
                           ("cross_linked_background", cross & linked & both_blank),
+                          ("cross_pairs_digit", cross & both_digit),
+                          ("cross_linked_digit", cross & linked & both_digit),
                           ("same_pairs", ~cross), ("same_unlinked", ~cross & ~linked),
                           ("same_unlinked_digit", ~cross & ~linked & both_digit)]:
             count[key] += int(mask.sum())
     print(json.dumps({"checkpoint": args.checkpoint, "kind": args.kind, "scenes": len(scenes),
-                      "tau": args.tau,
+                      "tau": args.tau, "level": args.level % levels.shape[1],
                       "scenes_digit_ari_above_0.99": (digit_ari > 0.99).float().mean().item(),
                       "merged_islands": merged, "split_objects": split, **count}, indent=1))
 
