@@ -121,9 +121,9 @@ def island_loss(states: torch.Tensor, targets: torch.Tensor, margin: float = ISL
         if parts:                                         # the lower levels of the ink's pairs
             on_ink = same & ink.narrow(axis, 0, n) & ink.narrow(axis, 1, n)      # (B, h', w')
             lower = cos[:, :, :-1]                                         # (S, B, L-2, h', w')
-            on_ink = on_ink[:, None].expand_as(lower[0])
-            part_sum = part_sum + F.relu(ISLAND_HOLD - lower)[on_ink.expand_as(lower)].sum()
-            part_n += int(on_ink.sum()) * lower.shape[0]
+            on_ink = on_ink[:, None].expand_as(lower)
+            part_sum = part_sum + F.relu(ISLAND_HOLD - lower)[on_ink].sum()
+            part_n += int(on_ink.sum())
     loss = agree_sum / max(agree_n, 1) + apart_sum / max(apart_n, 1)
     if boundary:                           # its pairs: the second term's, at one level of L-1
         loss = loss + boundary * edge_sum / max(apart_n // unit.shape[2], 1)
@@ -284,7 +284,8 @@ class PatchGlom(nn.Module):
         """Cross-entropy of every column's scores against its target, averaged over the columns
         and the last `cfg.loss_steps` of the rollout's states `(T+1, B, L, D, h, w)`, plus
         `island_weight` times `island_loss` over the same states (`apart_everywhere`,
-        `boundary`, `hold`, `parts` and `ink`: see there); and whether each image's final votes are right `(B,)`.
+        `boundary`, `hold`, `parts` and `ink`: see there); and whether each image's final votes
+        are right `(B,)`.
 
         targets: each image's label `(B,)`, the target of all its columns; or each column's own
         class `(B, h, w)`, e.g. the class of its object in a scene of several digits
