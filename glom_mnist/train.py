@@ -38,9 +38,9 @@ from .checkpoint import (CheckpointError, build_model, default_device, git_commi
                          save_checkpoint)
 from .config import GlomConfig, PATCH_PRESETS, PRESETS, PatchGlomConfig, model_config
 from .evaluate import evaluate_model
-from .islands import digit_mask
 from .files import (atomic_write_text, check_new_file, check_writable_folder,
                     remove_stale_temporaries, run_folder_lock)
+from .islands import digit_mask
 from .model import Glom
 from .patch_glom import PatchGlom
 from .scenes import KINDS as SCENE_KINDS

@@ -5,7 +5,8 @@ columns.
         --scenes 200 --val 5000 --tau 0.9
 
 Rolls the model out on the validation scenes (`--val N`: scenes of the last N training digits,
-as `scenes --val` makes them) and prints, at cosine `--tau` and level `--level` (default: the top), JSON with:
+as `scenes --val` makes them) and prints, at cosine `--tau` and level `--level` (default: the
+top), JSON with:
 - scenes_digit_ari_above_0.99: the share of scenes whose islands over the digit columns are
   their objects (adjusted Rand index above 0.99), at the level looked at;
 - merged_islands: islands holding columns of two objects or more; split_objects: objects whose
