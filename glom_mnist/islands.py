@@ -398,22 +398,27 @@ def adjusted_rand_index(labels_a: torch.Tensor, labels_b: torch.Tensor,
 
 
 def object_accuracy(votes: torch.Tensor, objects: torch.Tensor, object_labels: torch.Tensor,
-                    num_classes: int = 10) -> dict[str, torch.Tensor]:
+                    num_classes: int = 10,
+                    mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Is each object recognised? Its columns' majority vote (ties to the lowest class, as
     `majority_vote`) against its class.
 
     votes: int `(B, H, W)` each column's class; objects: int `(B, H, W)` each column's object
-    0..K-1; object_labels: int `(B, K)` each object's class, -1 where a scene has fewer objects.
-    Returns "majority" `(B, K)` (-1 for an object without columns), "right" bool `(B, K)` (an
-    object without columns is not right), and the shares "object_accuracy" (over the objects
-    present) and "all_objects_right" (over the scenes), 0-dim.
+    0..K-1; object_labels: int `(B, K)` each object's class, -1 where a scene has fewer objects;
+    mask: bool `(B, H, W)`, only the columns it keeps vote (e.g. `digit_columns`: the object's
+    ink alone, not the blank canvas counted in it). Returns "majority" `(B, K)` (-1 for an object
+    without columns), "right" bool `(B, K)` (an object without columns is not right), and the
+    shares "object_accuracy" (over the objects present) and "all_objects_right" (over the
+    scenes), 0-dim.
     """
     B, K = object_labels.shape
     if objects.min() < 0 or objects.max() >= K:
         raise ValueError(f"objects must be 0..{K - 1} (object_labels has {K} per scene)")
     key = (objects * num_classes + votes).reshape(B, -1)                 # (B, H*W)
     key = key + torch.arange(B, device=key.device)[:, None] * (K * num_classes)
-    counts = torch.bincount(key.reshape(-1), minlength=B * K * num_classes).view(B, K, num_classes)
+    weight = None if mask is None else mask.reshape(-1).to(key.device, torch.float64)
+    counts = torch.bincount(key.reshape(-1), weight, minlength=B * K * num_classes)
+    counts = counts.view(B, K, num_classes)
     majority = torch.where(counts.sum(-1) > 0, counts.argmax(-1), -1)    # (B, K)
     present = object_labels >= 0
     right = present & (majority == object_labels.to(majority.device))

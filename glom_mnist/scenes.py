@@ -332,7 +332,9 @@ def evaluate_scenes(model: torch.nn.Module, scenes: Scenes, tau: float | Sequenc
 
     Returns
     - object_accuracy: the share of objects whose columns' majority vote is their class;
-      all_objects_right: the share of scenes with every object right;
+      all_objects_right: the share of scenes with every object right; digit_object_accuracy,
+      digit_all_objects_right: the same with only the object's digit columns voting (its ink,
+      not the blank canvas nearer to it than to any other digit);
     - column_accuracy, digit_column_accuracy: the share of columns (of digit columns) voting for
       their object's class;
     - vote_ari, digit_vote_ari: the adjusted Rand index (mean over scenes) between the partition
@@ -368,8 +370,11 @@ def evaluate_scenes(model: torch.nn.Module, scenes: Scenes, tau: float | Sequenc
                 raise ValueError(f"the model's column grid {tuple(votes.shape[1:])} is not the "
                                  f"scenes' {tuple(objects.shape[1:])} at patch {patch}")
             right = object_accuracy(votes, objects, batch.labels, scores.shape[1])["right"]
+            ink_right = object_accuracy(votes, objects, batch.labels, scores.shape[1],
+                                        digit)["right"]
             on_target = votes == column_targets(batch.labels, objects)
             keep("right", right)                                         # (B, K)
+            keep("ink_right", ink_right)
             keep("on_target", on_target.flatten(1))                      # (B, h*w)
             keep("digit", digit.flatten(1))
             keep("vote_ari", adjusted_rand_index(votes, objects))        # (B,)
@@ -385,10 +390,13 @@ def evaluate_scenes(model: torch.nn.Module, scenes: Scenes, tau: float | Sequenc
     per_scene = {k: torch.cat(v) for k, v in found.items()}
     present = scenes.labels >= 0
     right, on_target, digit = per_scene["right"], per_scene["on_target"], per_scene["digit"]
+    ink_right = per_scene["ink_right"]
     out: dict[str, Any] = {
         "scenes": len(scenes), "canvas": list(scenes.images.shape[-2:]), "patch": patch,
         "object_accuracy": (right.sum() / present.sum()).item(),
         "all_objects_right": (right | ~present).all(1).double().mean().item(),
+        "digit_object_accuracy": (ink_right.sum() / present.sum()).item(),
+        "digit_all_objects_right": (ink_right | ~present).all(1).double().mean().item(),
         "column_accuracy": on_target.double().mean().item(),
         "digit_column_accuracy": on_target[digit].double().mean().item(),
         "vote_ari": per_scene["vote_ari"].nanmean().item(),
@@ -497,8 +505,10 @@ def format_table(metrics: dict[str, Any]) -> str:
     digits = metrics.get("split", "test").split()[0] + " digits"   # "test" or "validation"
     lines = [f"scenes                     {metrics['scenes']} {metrics['kind']} "
              f"({' x '.join(map(str, metrics['canvas']))}), {digits}, seed {metrics['seed']}",
-             f"object accuracy            {metrics['object_accuracy']:.4f}",
-             f"all objects right          {metrics['all_objects_right']:.4f}  ({everyone} right)",
+             f"object accuracy            {metrics['object_accuracy']:.4f}  "
+             f"(digit columns voting {metrics['digit_object_accuracy']:.4f})",
+             f"all objects right          {metrics['all_objects_right']:.4f}  ({everyone} right; "
+             f"digit columns voting {metrics['digit_all_objects_right']:.4f})",
              f"column accuracy            {metrics['column_accuracy']:.4f}  "
              f"(digit columns {metrics['digit_column_accuracy']:.4f})",
              f"vote ARI                   {metrics['vote_ari']:.4f}  "

@@ -236,6 +236,15 @@ def test_object_accuracy_on_a_hand_example():
     assert found["right"].tolist() == [[True, False, False], [True, True, False], [True, True, False]]
     assert found["object_accuracy"].item() == pytest.approx(5 / 7)
     assert found["all_objects_right"].item() == pytest.approx(1 / 3)
+    ink = torch.tensor([[[True, False, True, False], [False, False, False, False]],
+                        [[True, True, False, False], [False, False, False, True]],
+                        [[True, False, False, False], [True, True, True, True]]])
+    on_ink = object_accuracy(votes, objects, labels, mask=ink)   # only these columns vote
+    assert on_ink["majority"].tolist() == [[3, 7, -1], [4, 5, -1], [1, 8, -1]]
+    assert on_ink["object_accuracy"].item() == pytest.approx(6 / 7)
+    assert on_ink["all_objects_right"].item() == pytest.approx(2 / 3)
+    none = object_accuracy(votes, objects, labels, mask=torch.zeros_like(ink))
+    assert (none["majority"] == -1).all() and none["object_accuracy"].item() == 0
 
 
 def test_island_containment_on_a_hand_example():
@@ -293,8 +302,9 @@ def test_evaluate_scenes_finds_a_perfect_parse_perfect_and_one_island_chance(pat
     toy = scene_batch(images, labels, 6, torch.Generator().manual_seed(3), "random")
     perfect = evaluate_scenes(SceneOracle(toy, patch), toy, tau=(0.9, 0.5), batch_size=4)
     assert perfect["scenes"] == 6 and perfect["patch"] == patch
-    for key in ("object_accuracy", "all_objects_right", "column_accuracy",
-                "digit_column_accuracy", "vote_ari", "digit_vote_ari"):
+    for key in ("object_accuracy", "all_objects_right", "digit_object_accuracy",
+                "digit_all_objects_right", "column_accuracy", "digit_column_accuracy",
+                "vote_ari", "digit_vote_ari"):
         assert perfect[key] == pytest.approx(1.0), key
     for tau in (0.9, 0.5):
         found = perfect["islands"][tau]
