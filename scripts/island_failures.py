@@ -17,7 +17,10 @@ top), JSON with:
   of those the pairs of two blank columns and of two digit columns (cross_pairs_digit: all
   pairs of two digit columns in two objects, where two digits' ink lies in adjacent patches);
 - same_pairs / same_unlinked / same_unlinked_digit: pairs in one object, those below tau (the
-  breaks that split islands or make extra ones), and of those the pairs of two digit columns.
+  breaks that split islands or make extra ones), and of those the pairs of two digit columns;
+- blank_votes_by_distance: the blank columns by their distance (in columns, 8-neighbour steps)
+  to the nearest digit column of their own object, each bin with its number of columns and the
+  share of them voting their object's class (how far from the ink the digit's class reaches).
 """
 from __future__ import annotations
 
@@ -29,7 +32,9 @@ import torch.nn.functional as F
 
 from glom_mnist import load_checkpoint
 from glom_mnist.islands import adjusted_rand_index, digit_columns, islands
-from glom_mnist.scenes import KINDS, column_objects, test_scenes
+from glom_mnist.scenes import KINDS, column_objects, column_targets, test_scenes
+
+DISTANCE_BINS = ((1, 1), (2, 2), (3, 3), (4, 5), (6, None))   # blank columns' distance to ink
 
 
 def main() -> None:
@@ -76,10 +81,33 @@ def main() -> None:
                           ("same_pairs", ~cross), ("same_unlinked", ~cross & ~linked),
                           ("same_unlinked_digit", ~cross & ~linked & both_digit)]:
             count[key] += int(mask.sum())
+    right = model.votes(levels) == column_targets(scenes.labels, objects)  # (N, h, w)
+    distance = ink_distance(objects, digit)
+    by_distance = {}
+    for low, high in DISTANCE_BINS:
+        ring = ~digit & (distance >= low) & (distance <= (high or distance.max()))
+        name = str(low) if high == low else f"{low}-{high}" if high else f"{low}+"
+        by_distance[name] = {
+            "columns": int(ring.sum()), "voting_their_object": right[ring].float().mean().item()}
     print(json.dumps({"checkpoint": args.checkpoint, "kind": args.kind, "scenes": len(scenes),
                       "tau": args.tau, "level": args.level % levels.shape[1],
                       "scenes_digit_ari_above_0.99": (digit_ari > 0.99).float().mean().item(),
-                      "merged_islands": merged, "split_objects": split, **count}, indent=1))
+                      "merged_islands": merged, "split_objects": split, **count,
+                      "blank_votes_by_distance": by_distance}, indent=1))
+
+
+def ink_distance(objects: torch.Tensor, digit: torch.Tensor) -> torch.Tensor:
+    """Each column's distance, in 8-neighbour steps, to the nearest digit column of its own
+    object `(N, h, w)` (0 on the ink): grown one step at a time by 3x3 max pooling."""
+    distance = torch.where(digit, 0, -1)
+    reached = torch.stack([digit & (objects == k) for k in range(int(objects.max()) + 1)], 1)
+    own = F.one_hot(objects).movedim(-1, 1).bool()                      # (N, K, h, w)
+    step = 0
+    while (distance < 0).any() and step < max(objects.shape[-2:]):
+        step += 1
+        reached = F.max_pool2d(reached.float(), 3, 1, 1).bool()
+        distance = torch.where((distance < 0) & (reached & own).any(1), step, distance)
+    return distance
 
 
 if __name__ == "__main__":

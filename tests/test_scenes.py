@@ -2,6 +2,7 @@
 whose answers are known, on toy digits (solid rectangles) and on MNIST's test split."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -336,3 +337,18 @@ def test_evaluate_scenes_runs_a_glom_on_a_pair_canvas_reproducibly(monkeypatch):
     assert len(first["islands"][0.9]["containment"]) == small.cfg.levels
     with pytest.raises(ValueError, match="image size"):                  # a 28 x 28 model
         evaluate_scenes(small, pairs)
+
+
+def test_island_failures_measures_each_blank_columns_distance_to_its_own_digits_ink():
+    spec = importlib.util.spec_from_file_location(
+        "island_failures", Path(__file__).resolve().parent.parent / "scripts/island_failures.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    objects = torch.tensor([[[0, 0, 0, 0, 0, 1, 1]]]).expand(1, 3, 7)     # (1, 3, 7)
+    digit = torch.zeros(1, 3, 7, dtype=torch.bool)
+    digit[0, 1, 0] = True                                                # object 0's ink
+    digit[0, 0, 6] = True                                                # object 1's ink
+    found = script.ink_distance(objects, digit)
+    assert found[0].tolist() == [[1, 1, 2, 3, 4, 1, 0],                  # 8-neighbour steps,
+                                 [0, 1, 2, 3, 4, 1, 1],                  # each to its own ink,
+                                 [1, 1, 2, 3, 4, 2, 2]]                  # not the nearer one
