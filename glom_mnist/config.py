@@ -162,6 +162,7 @@ class PatchGlomConfig:
     width: int = 28                  # runs: load_checkpoint(path, height=H, width=W))
     steps: int = 8                   # T
     kernel: int = 3                  # consensus over the kernel x kernel neighbouring columns
+    top_kernel: int = 0              # the top level's (the whole's) consensus window; 0: kernel
     bottom_up: bool = True
     top_down: bool = True
     consensus: bool = True
@@ -184,6 +185,10 @@ class PatchGlomConfig:
                              "plus an even margin")
         if self.kernel % 2 == 0:
             raise ValueError(f"PatchGlomConfig: kernel must be odd, got {self.kernel}")
+        if not (isinstance(self.top_kernel, int) and not isinstance(self.top_kernel, bool)
+                and self.top_kernel >= 0 and (self.top_kernel == 0 or self.top_kernel % 2)):
+            raise ValueError(f"PatchGlomConfig: top_kernel must be 0 (the kernel's) or odd, got "
+                             f"{self.top_kernel!r}")
         if self.height % self.patch or self.width % self.patch:
             raise ValueError(f"PatchGlomConfig: height and width must be multiples of patch "
                              f"({self.patch}), got {self.height}x{self.width}")

@@ -163,12 +163,13 @@ class PatchGlom(nn.Module):
     # ---- the contributions ------------------------------------------------------------------
     def consensus(self, levels: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
         """Each embedding's attention-weighted average over the same level of the neighbouring
-        columns (`near` `(n, n)`: True for the k x k neighbours, itself and columns past the
-        canvas edge excluded). Weight of neighbour y for column x: softmax_y(<e_x, e_y>/sqrt(D)).
-        `(G, B, n, D) -> (G, B, n, D)`."""
+        columns (`near` `(G, 1, n, n)`, a level's window: 0 for the k x k neighbours, -inf for
+        the rest, itself and columns past the canvas edge). Weight of neighbour y for column x:
+        softmax_y(<e_x, e_y>/sqrt(D)). `(G, B, n, D) -> (G, B, n, D)`."""
         G, B, n, D = levels.shape
         e = levels.reshape(G * B, n, D)
-        similarity = torch.baddbmm(near, e, e.transpose(1, 2), alpha=1 / math.sqrt(D))
+        window = near.expand(G, B, n, n).reshape(G * B, n, n)
+        similarity = torch.baddbmm(window, e, e.transpose(1, 2), alpha=1 / math.sqrt(D))
         return torch.bmm(similarity.softmax(-1), e).view(G, B, n, D)
 
     def step(self, levels: torch.Tensor, context: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -200,15 +201,17 @@ class PatchGlom(nn.Module):
         return F.layer_norm(torch.cat([x[None], start]), (self.cfg.dim,))
 
     def context(self, h: int, w: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """What every step of a rollout on h x w columns shares: the consensus mask, and the
-        positions' term of the top-down networks."""
-        r = self.cfg.kernel // 2
+        """What every step of a rollout on h x w columns shares: each level's consensus window
+        (the top level's `top_kernel` wide when set: a whole spans more columns than its parts),
+        and the positions' term of the top-down networks."""
         y, x = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
                               indexing="ij")
         y, x = y.flatten(), x.flatten()
         dy, dx = (y[:, None] - y[None]).abs(), (x[:, None] - x[None]).abs()
-        near = (dy <= r) & (dx <= r) & ((dy + dx) > 0)                     # (n, n)
-        out = {"near": torch.zeros(h * w, h * w, device=device).masked_fill(~near, float("-inf"))}
+        kernels = [self.cfg.kernel] * (self.cfg.levels - 2) + [self.cfg.top_kernel or self.cfg.kernel]
+        near = torch.stack([(dy <= k // 2) & (dx <= k // 2) & ((dy + dx) > 0) for k in kernels])
+        out = {"near": torch.zeros(near.shape, device=device).masked_fill(~near, float("-inf"))
+               [:, None]}                                                  # (L-1, 1, n, n)
         if self.where is not None:
             code = positions(h, w, self.patch, self.cfg.pos_freqs, device).flatten(0, 1)  # (n, P)
             out["where"] = torch.einsum("np,gph->gnh", code, self.where)   # (L-2, n, hidden)

@@ -65,9 +65,22 @@ def naive_consensus(e: torch.Tensor, k: int) -> torch.Tensor:
 def test_consensus_is_the_attention_weighted_average_of_the_neighbours(kernel):
     model = tiny(kernel=kernel)
     h, w = 4, 5
-    e = torch.randn(2, 3, h, w, 8)
+    e = torch.randn(3, 2, h, w, 8)                       # levels 1..L-1, batch 2
     fast = model.consensus(e.flatten(2, 3), model.context(h, w, e.device)["near"])
-    assert torch.allclose(fast.view(2, 3, h, w, 8), naive_consensus(e, kernel), atol=1e-5)
+    assert torch.allclose(fast.view(e.shape), naive_consensus(e, kernel), atol=1e-5)
+
+
+def test_the_top_level_hears_its_own_wider_window():
+    model = tiny(kernel=3, top_kernel=5)                # levels 1 and 2: 3x3; the top: 5x5
+    h, w = 5, 6
+    e = torch.randn(3, 2, h, w, 8)
+    found = model.consensus(e.flatten(2, 3), model.context(h, w, e.device)["near"]).view(e.shape)
+    assert torch.allclose(found[:2], naive_consensus(e[:2], 3), atol=1e-5)
+    assert torch.allclose(found[2:], naive_consensus(e[2:], 5), atol=1e-5)
+    assert not torch.allclose(found[2:], naive_consensus(e[2:], 3), atol=1e-3)
+    for wrong in (4, -1, True):
+        with pytest.raises(ValueError, match="top_kernel"):
+            tiny(top_kernel=wrong)
 
 
 def test_no_wrap_around_at_the_edges():
