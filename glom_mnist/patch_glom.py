@@ -166,11 +166,8 @@ class PatchGlom(nn.Module):
         columns (`near` `(G, 1, n, n)`, a level's window: 0 for the k x k neighbours, -inf for
         the rest, itself and columns past the canvas edge). Weight of neighbour y for column x:
         softmax_y(<e_x, e_y>/sqrt(D)). `(G, B, n, D) -> (G, B, n, D)`."""
-        G, B, n, D = levels.shape
-        e = levels.reshape(G * B, n, D)
-        window = near.expand(G, B, n, n).reshape(G * B, n, n)
-        similarity = torch.baddbmm(window, e, e.transpose(1, 2), alpha=1 / math.sqrt(D))
-        return torch.bmm(similarity.softmax(-1), e).view(G, B, n, D)
+        similarity = levels @ levels.transpose(-1, -2) / math.sqrt(levels.shape[-1]) + near
+        return similarity.softmax(-1) @ levels
 
     def step(self, levels: torch.Tensor, context: dict[str, torch.Tensor]) -> torch.Tensor:
         """One GLOM step on the state `(L, B, n, D)`: every level above the input becomes the
@@ -208,12 +205,13 @@ class PatchGlom(nn.Module):
                               indexing="ij")
         y, x = y.flatten(), x.flatten()
         dy, dx = (y[:, None] - y[None]).abs(), (x[:, None] - x[None]).abs()
-        kernels = [self.cfg.kernel] * (self.cfg.levels - 2) + [self.cfg.top_kernel or self.cfg.kernel]
-        near = torch.stack([(dy <= k // 2) & (dx <= k // 2) & ((dy + dx) > 0) for k in kernels])
-        out = {"near": torch.zeros(near.shape, device=device).masked_fill(~near, float("-inf"))
-               [:, None]}                                                  # (L-1, 1, n, n)
+        cfg = self.cfg
+        windows = [cfg.kernel] * (cfg.levels - 2) + [cfg.top_kernel or cfg.kernel]   # 1..L-1
+        near = torch.stack([(dy <= k // 2) & (dx <= k // 2) & ((dy + dx) > 0) for k in windows])
+        mask = torch.zeros(near.shape, device=device).masked_fill(~near, float("-inf"))
+        out = {"near": mask[:, None]}                                      # (L-1, 1, n, n)
         if self.where is not None:
-            code = positions(h, w, self.patch, self.cfg.pos_freqs, device).flatten(0, 1)  # (n, P)
+            code = positions(h, w, self.patch, cfg.pos_freqs, device).flatten(0, 1)  # (n, P)
             out["where"] = torch.einsum("np,gph->gnh", code, self.where)   # (L-2, n, hidden)
         return out
 
