@@ -34,7 +34,7 @@ from glom_mnist import load_checkpoint
 from glom_mnist.islands import adjusted_rand_index, digit_columns, islands
 from glom_mnist.scenes import KINDS, column_objects, column_targets, test_scenes
 
-DISTANCE_BINS = ((1, 1), (2, 2), (3, 3), (4, 5), (6, None))   # blank columns' distance to ink
+DISTANCE_BINS = {"1": (1, 1), "2": (2, 2), "3": (3, 3), "4-5": (4, 5), "6+": (6, None)}  # to ink
 
 
 def main() -> None:
@@ -84,9 +84,8 @@ def main() -> None:
     right = model.votes(levels) == column_targets(scenes.labels, objects)  # (N, h, w)
     distance = ink_distance(objects, digit)
     by_distance = {}
-    for low, high in DISTANCE_BINS:
+    for name, (low, high) in DISTANCE_BINS.items():
         ring = ~digit & (distance >= low) & (distance <= (high or distance.max()))
-        name = str(low) if high == low else f"{low}-{high}" if high else f"{low}+"
         by_distance[name] = {
             "columns": int(ring.sum()), "voting_their_object": right[ring].float().mean().item()}
     print(json.dumps({"checkpoint": args.checkpoint, "kind": args.kind, "scenes": len(scenes),
@@ -100,8 +99,8 @@ def ink_distance(objects: torch.Tensor, digit: torch.Tensor) -> torch.Tensor:
     """Each column's distance, in 8-neighbour steps, to the nearest digit column of its own
     object `(N, h, w)` (0 on the ink): grown one step at a time by 3x3 max pooling."""
     distance = torch.where(digit, 0, -1)
-    reached = torch.stack([digit & (objects == k) for k in range(int(objects.max()) + 1)], 1)
     own = F.one_hot(objects).movedim(-1, 1).bool()                      # (N, K, h, w)
+    reached = own & digit[:, None]                                      # each object's ink
     step = 0
     while (distance < 0).any() and step < max(objects.shape[-2:]):
         step += 1
