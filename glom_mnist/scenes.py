@@ -304,22 +304,24 @@ def on_canvas(model: Glom, height: int, width: int) -> Glom:
     return resized.to(next(model.parameters()).device).train(model.training)
 
 
-def _rollout(model: torch.nn.Module, images: torch.Tensor,
-             seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final levels `(B, L, D, h, w)` and column scores `(B, C, h, w)` of one rollout. Models
-    with `column_scores` roll out twice from the same random initial state (the same seed); the
-    others' scores are their top level's first `cfg.num_classes` channels."""
+def _rollout(model: torch.nn.Module, images: torch.Tensor, seed: int,
+             steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final levels `(B, L, D, h, w)` and column scores `(B, C, h, w)` of one rollout of `steps`
+    (None: the model's own). Models with `column_scores` roll out twice from the same random
+    initial state (the same seed); the others' scores are their top level's first
+    `cfg.num_classes` channels."""
+    more = {} if steps is None else {"steps": steps}
     torch.manual_seed(seed)
-    levels = model(images)
+    levels = model(images, **more)
     if hasattr(model, "column_scores"):
         torch.manual_seed(seed)
-        return levels, model.column_scores(images)
+        return levels, model.column_scores(images, **more)
     return levels, levels[:, -1, :model.cfg.num_classes]
 
 
 @torch.no_grad()
 def evaluate_scenes(model: torch.nn.Module, scenes: Scenes, tau: float | Sequence[float] = 0.9,
-                    *, batch_size: int = 32, seed: int = 0,
+                    *, batch_size: int = 32, seed: int = 0, steps: int | None = None,
                     progress: bool = False) -> dict[str, Any]:
     """Are the model's top-level islands the scene's objects? Measured on every scene, in eval
     mode, and averaged over the scenes.
@@ -328,7 +330,8 @@ def evaluate_scenes(model: torch.nn.Module, scenes: Scenes, tau: float | Sequenc
     `h, w = H // model.patch, W // model.patch` (`patch` 1 when the model has none), and each
     column votes for the class of its highest score (`model.column_scores(images)`, `(B, C, h, w)`,
     or the top level's first num_classes channels). Random initial states come from `seed`; the
-    caller's random state is left as it was.
+    caller's random state is left as it was. `steps` rolls out that many steps instead of the
+    model's own (do the islands last past the steps the model was trained for?).
 
     Returns
     - object_accuracy: the share of objects whose columns' majority vote is their class;
@@ -359,7 +362,7 @@ def evaluate_scenes(model: torch.nn.Module, scenes: Scenes, tau: float | Sequenc
         for i in tqdm(range(0, len(scenes), batch_size), desc="scenes", disable=not progress,
                       leave=False):
             batch = scenes[i:i + batch_size]
-            levels, scores = _rollout(model, batch.images.to(device), seed + i)
+            levels, scores = _rollout(model, batch.images.to(device), seed + i, steps)
             if not (torch.isfinite(levels).all() and torch.isfinite(scores).all()):
                 raise ValueError(f"the rollout of scenes {i}-{i + len(batch) - 1} gave non-finite "
                                  "values (NaN or inf): no metrics for a model that diverges")
@@ -391,8 +394,10 @@ def evaluate_scenes(model: torch.nn.Module, scenes: Scenes, tau: float | Sequenc
     present = scenes.labels >= 0
     right, on_target, digit = per_scene["right"], per_scene["on_target"], per_scene["digit"]
     ink_right = per_scene["ink_right"]
+    own_steps = getattr(getattr(model, "cfg", None), "steps", None)
     out: dict[str, Any] = {
         "scenes": len(scenes), "canvas": list(scenes.images.shape[-2:]), "patch": patch,
+        "steps": own_steps if steps is None else steps,
         "object_accuracy": (right.sum() / present.sum()).item(),
         "all_objects_right": (right | ~present).all(1).double().mean().item(),
         "digit_object_accuracy": (ink_right.sum() / present.sum()).item(),
@@ -417,15 +422,15 @@ def evaluate_scenes(model: torch.nn.Module, scenes: Scenes, tau: float | Sequenc
 
 
 def scene_figure(model: torch.nn.Module, scenes: Scenes, tau: float = 0.9, *, shown: int = 4,
-                 seed: int = 0, title: str | None = None) -> "Figure":
-    """The first `shown` scenes as the model parses them: the input, each level's vectors in PCA
-    colours with its islands (cosine >= tau) outlined, and each column's vote. The caller's
-    random state is left as it was."""
+                 seed: int = 0, steps: int | None = None, title: str | None = None) -> "Figure":
+    """The first `shown` scenes as the model parses them after `steps` (None: its own): the
+    input, each level's vectors in PCA colours with its islands (cosine >= tau) outlined, and each
+    column's vote. The caller's random state is left as it was."""
     from .plots import plot_level_maps
 
     device = next(model.parameters()).device
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        levels, scores = _rollout(model.eval(), scenes.images[:shown].to(device), seed)
+        levels, scores = _rollout(model.eval(), scenes.images[:shown].to(device), seed, steps)
     levels = levels.cpu()
     titles = ["digits " + " ".join(str(c) for c in row.tolist() if c >= 0)
               for row in scenes.labels[:shown]]
@@ -454,6 +459,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 0): the same seed gives the same scenes and metrics")
     parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
     parser.add_argument("--root", default="data", help="data folder (default: data)")
+    parser.add_argument("--steps", type=int, default=None, metavar="T",
+                        help="roll out T steps instead of the checkpoint's own: do the islands "
+                             "last past the steps the model was trained for?")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--json", default=None, help="write the metrics to this JSON file")
@@ -473,6 +481,8 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.val < 0:
         raise ValueError(f"--val must be >= 0 (0: the test digits), got {args.val}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1 (default: the checkpoint's own), got {args.steps}")
     bad = [t for t in args.tau if not (math.isfinite(t) and -1 <= t <= 1)]
     if bad:
         raise ValueError(f"--tau values are cosine thresholds between -1 and 1, got {bad}")
@@ -504,7 +514,8 @@ def format_table(metrics: dict[str, Any]) -> str:
     everyone = "both digits" if metrics["kind"] == "pair" else "every digit"
     digits = metrics.get("split", "test").split()[0] + " digits"   # "test" or "validation"
     lines = [f"scenes                     {metrics['scenes']} {metrics['kind']} "
-             f"({' x '.join(map(str, metrics['canvas']))}), {digits}, seed {metrics['seed']}",
+             f"({' x '.join(map(str, metrics['canvas']))}), {digits}, seed {metrics['seed']}"
+             + (f", {metrics['steps']} steps" if metrics.get("steps") else ""),
              f"object accuracy            {metrics['object_accuracy']:.4f}  "
              f"(digit columns voting {metrics['digit_object_accuracy']:.4f})",
              f"all objects right          {metrics['all_objects_right']:.4f}  ({everyone} right; "
@@ -552,7 +563,7 @@ def run(args: argparse.Namespace) -> int:
     scenes = test_scenes(args.kind, args.scenes, args.seed, root=args.root, name=args.dataset,
                          val=args.val)
     metrics = evaluate_scenes(model, scenes, tau=args.tau, batch_size=args.batch_size,
-                              seed=args.seed, progress=True)
+                              seed=args.seed, steps=args.steps, progress=True)
     metrics = {"command": command_line(args), "checkpoint": str(path), "checkpoint_name": path.name,
                "checkpoint_sha256": file_sha256(path), "kind": args.kind, "seed": args.seed,
                "dataset": args.dataset,
@@ -567,9 +578,10 @@ def run(args: argparse.Namespace) -> int:
     if args.figure:
         import matplotlib.pyplot as plt   # only when drawing: measuring needs no plotting library
 
-        fig = scene_figure(model, scenes, args.tau[0], seed=args.seed,
-                           title=f"{path.name} on {args.kind} {digits} scenes:\nislands "
-                                 f"(cosine >= {args.tau[0]}) outlined, and the votes")
+        fig = scene_figure(model, scenes, args.tau[0], seed=args.seed, steps=args.steps,
+                           title=f"{path.name} on {args.kind} {digits} scenes"
+                                 + (f", {args.steps} steps" if args.steps else "")
+                                 + f":\nislands (cosine >= {args.tau[0]}) outlined, and the votes")
         atomic_write(args.figure, lambda f: fig.savefig(f, format="png", dpi=110))
         plt.close(fig)
         print(f"wrote {args.figure}")

@@ -328,3 +328,9 @@ def test_train_on_scenes_then_measure_the_checkpoint_on_test_scenes(tmp_path, ca
     for bad, says in (("-1", "--val must be >= 0"), ("60000", "leaves no training images")):
         code, _, err = cli(capsys, *args[:-1], tmp_path / "bad.json", "--val", bad)
         assert says in one_error_line(code, err)
+    code, _, err = cli(capsys, *args[:-1], tmp_path / "bad.json", "--steps", "0")
+    assert "--steps must be >= 1" in one_error_line(code, err)
+    assert not (tmp_path / "bad.json").exists()
+    code, out, err = cli(capsys, *args[:-1], tmp_path / "longer.json", "--steps", "3")
+    assert code == 0 and ", 3 steps" in out, err                         # past its own 2 steps
+    assert json.loads((tmp_path / "longer.json").read_text())["steps"] == 3 != found["steps"]

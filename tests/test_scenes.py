@@ -333,6 +333,12 @@ def test_evaluate_scenes_runs_a_glom_on_a_pair_canvas_reproducibly(monkeypatch):
     assert model.training and torch.equal(torch.get_rng_state(), state)  # mode and RNG kept
     again = evaluate_scenes(model, pairs, tau=0.9, batch_size=2)
     assert json.dumps(first) == json.dumps(again)                        # nan-safe equality
+    fewer = evaluate_scenes(model, pairs, tau=0.9, batch_size=2, steps=1)   # another rollout ...
+    short = Glom(small.cfg.replace(steps=1))
+    short.load_state_dict(small.state_dict())
+    built = evaluate_scenes(scenes.on_canvas(short, 28, 56), pairs, tau=0.9, batch_size=2)
+    assert (first["steps"], fewer["steps"]) == (2, 1)                    # ... the model's own:
+    assert json.dumps(fewer) == json.dumps(built) != json.dumps(first)   # one built for 1 step
     assert 0 <= first["all_objects_right"] <= first["object_accuracy"] <= 1
     assert len(first["islands"][0.9]["containment"]) == small.cfg.levels
     with pytest.raises(ValueError, match="image size"):                  # a 28 x 28 model
