@@ -394,10 +394,9 @@ def evaluate_scenes(model: torch.nn.Module, scenes: Scenes, tau: float | Sequenc
     present = scenes.labels >= 0
     right, on_target, digit = per_scene["right"], per_scene["on_target"], per_scene["digit"]
     ink_right = per_scene["ink_right"]
-    own_steps = getattr(getattr(model, "cfg", None), "steps", None)
     out: dict[str, Any] = {
         "scenes": len(scenes), "canvas": list(scenes.images.shape[-2:]), "patch": patch,
-        "steps": own_steps if steps is None else steps,
+        "steps": getattr(getattr(model, "cfg", None), "steps", None) if steps is None else steps,
         "object_accuracy": (right.sum() / present.sum()).item(),
         "all_objects_right": (right | ~present).all(1).double().mean().item(),
         "digit_object_accuracy": (ink_right.sum() / present.sum()).item(),
@@ -476,13 +475,12 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Every option checked before anything is loaded or computed: one line per problem."""
     from .files import check_new_file
 
-    for name in ("scenes", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("scenes", "batch_size", "steps"):                   # steps: None is its own
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.val < 0:
         raise ValueError(f"--val must be >= 0 (0: the test digits), got {args.val}")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1 (default: the checkpoint's own), got {args.steps}")
     bad = [t for t in args.tau if not (math.isfinite(t) and -1 <= t <= 1)]
     if bad:
         raise ValueError(f"--tau values are cosine thresholds between -1 and 1, got {bad}")
