@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -334,3 +337,26 @@ def test_train_on_scenes_then_measure_the_checkpoint_on_test_scenes(tmp_path, ca
     code, out, err = cli(capsys, *args[:-1], tmp_path / "longer.json", "--steps", "3")
     assert code == 0 and ", 3 steps" in out, err                         # past its own 2 steps
     assert json.loads((tmp_path / "longer.json").read_text())["steps"] == 3 != found["steps"]
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_the_gpu_scene_stage_script_runs_end_to_end_on_a_cpu(tmp_path):
+    """scripts/gpu_scenes.sh at toy sizes (its dry run): a stage from the shipped scene model,
+    exported with its history, then measured on validation scenes, 4 steps past, and pairs."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "RUNS": str(tmp_path / "runs"), "BATCH": "2",
+           "PROBE": "2", "ITERS": "3", "VAL_SCENES": "4", "RESERVE_S": "30", "BUDGET_S": "300",
+           "PY": sys.executable}
+    done = subprocess.run(["bash", "scripts/gpu_scenes.sh"], cwd=DATA.parent, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found = {name: json.loads((out / f"{name}.json").read_text())
+             for name in ("val_random", "val_random_20", "val_pairs")}
+    assert [(f["kind"], f["steps"], f["scenes"]) for f in found.values()] == [
+        ("random", 16, 4), ("random", 20, 4), ("pair", 16, 4)]
+    assert all(f["split"].startswith("validation") for f in found.values())
+    assert json.loads((out / "failures.json").read_text())["scenes"] == 2
+    history = (out / "scenes.log.csv").read_text().splitlines()
+    assert len(history) > 27_000                     # the shipped model's stages, then this one
+
