@@ -11,7 +11,8 @@
 # val_random.json (500 validation scenes at its 16 steps), val_random_20.json (4 steps past
 # them), val_pairs.json (500 validation pairs), failures.json (where its islands fail).
 # BATCH, LR and AMP=1 change the stage (defaults 256 scenes, lr 2e-4, float32); START another
-# model to begin from. PY picks the interpreter (default python3); the package runs from this tree.
+# model to begin from; FORCE=1 replaces what an earlier run left. PY picks the interpreter
+# (default python3); the package runs from this tree.
 # For a dry run on a CPU: BATCH=2 PROBE=2 ITERS=3 VAL_SCENES=4 RESERVE_S=30 BUDGET_S=300.
 set -u -o pipefail
 OUT=${OUT:-runs/gpu}
@@ -23,7 +24,14 @@ PROBE=${PROBE:-20}            # iterations of the speed probe
 VAL_SCENES=${VAL_SCENES:-500}
 START=${START:-best_models/glom_scenes.pt}
 PY=${PY:-python3}
-RUNS=${RUNS:-runs}               # where the probe's and the stage's run folders go
+RUNS=${RUNS:-runs}            # where the probe's and the stage's run folders go
+for earlier in "$OUT/scenes.pt" "$OUT/val_random.json" "$RUNS/gpu_scenes_probe" "$RUNS/gpu_scenes"; do
+  if [ -e "$earlier" ] && [ -z "${FORCE:-}" ]; then
+    echo "gpu_scenes.sh: $earlier is left from an earlier run; move it away," \
+      "or set FORCE=1 to replace it"
+    exit 2
+  fi
+done
 mkdir -p "$OUT"
 rm -rf "$RUNS/gpu_scenes_probe" "$RUNS/gpu_scenes"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10

@@ -339,6 +339,21 @@ def test_train_on_scenes_then_measure_the_checkpoint_on_test_scenes(tmp_path, ca
     assert json.loads((tmp_path / "longer.json").read_text())["steps"] == 3 != found["steps"]
 
 
+def test_the_gpu_scene_stage_script_keeps_an_earlier_runs_model_without_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scenes.pt").write_bytes(b"an earlier stage")
+    done = subprocess.run(["bash", "scripts/gpu_scenes.sh"], cwd=DATA.parent, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "OUT": str(out),
+                                                      "RUNS": str(tmp_path / "runs")})
+    assert done.returncode == 2
+    assert done.stdout.strip().splitlines() == [
+        f"gpu_scenes.sh: {out / 'scenes.pt'} is left from an earlier run; move it away, or set "
+        "FORCE=1 to replace it"]
+    assert (out / "scenes.pt").read_bytes() == b"an earlier stage"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 @pytest.mark.slow
 @needs_mnist
 def test_the_gpu_scene_stage_script_runs_end_to_end_on_a_cpu(tmp_path):
