@@ -374,4 +374,3 @@ def test_the_gpu_scene_stage_script_runs_end_to_end_on_a_cpu(tmp_path):
     assert json.loads((out / "failures.json").read_text())["scenes"] == 2
     history = (out / "scenes.log.csv").read_text().splitlines()
     assert len(history) > 27_000                     # the shipped model's stages, then this one
-
